@@ -1,0 +1,128 @@
+"""Open checkpoints (HF safetensors folders, sharded or not, and GGUF files) into our nn.Modules.
+
+The model is built on the meta device, then every tensor is streamed from the checkpoint,
+checked (known name, right shape, finite), cast to the target dtype and assigned, so peak memory
+stays near one copy of the model. Loading is strict: missing or unexpected names are an error
+that lists them and names the files.
+"""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from slimserve.assets import resolve_model
+from slimserve.errors import CheckpointError
+from slimserve.models.gguf import iter_gguf_tensors, read_gguf
+from slimserve.models.gpt2 import GPT2Args, GPT2LMHeadModel
+from slimserve.models.llama import LlamaArgs, LlamaForCausalLM
+from slimserve.tokenizer import Tokenizer
+
+ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
+    "LlamaForCausalLM": (LlamaArgs, LlamaForCausalLM),
+    "MistralForCausalLM": (LlamaArgs, LlamaForCausalLM),
+    "Qwen2ForCausalLM": (LlamaArgs, LlamaForCausalLM),
+    "GPT2LMHeadModel": (GPT2Args, GPT2LMHeadModel),
+}
+# Buffers some checkpoints carry that we recompute (rope frequencies, GPT-2's causal masks).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
+
+def load_config(path: Path) -> dict:
+    """The HF-style config dict of a model folder or GGUF file."""
+    if path.suffix == ".gguf":
+        return read_gguf(path).config
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{config_file} not found: a model folder needs a config.json")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+
+
+def build_model(config: dict, device: str | torch.device = "meta") -> nn.Module:
+    """An uninitialised model of the config's architecture."""
+    archs = config.get("architectures") or []
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise CheckpointError(f"unsupported architecture {archs}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    args_cls, model_cls = ARCHITECTURES[arch]
+    with torch.device(device):
+        return model_cls(args_cls.from_dict(config))
+
+
+def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """(name, tensor, file) for every tensor of a GGUF file or safetensors folder, one at a time."""
+    if path.suffix == ".gguf":
+        for name, tensor in iter_gguf_tensors(path):
+            yield name, tensor, path
+        return
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {path}")
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name)
+                    # numpy: torch.isfinite is far slower on these CPUs (GGUF tensors are checked in gguf.py)
+                    if tensor.is_floating_point() and not np.isfinite(tensor.float().numpy()).all():
+                        raise CheckpointError(f"tensor {name} in {file} holds NaN or Inf values: the file is corrupt")
+                    yield name, tensor, file
+        except SafetensorError as e:
+            raise CheckpointError(f"{file} is truncated or corrupt: {e}") from e
+
+
+def load_weights(model: nn.Module, path: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
+    """Stream the checkpoint at `path` into `model` (built on meta), strictly."""
+    expected = dict(model.state_dict())  # meta tensors: names and shapes only
+    tied = model.tie_word_embeddings
+    transposed = getattr(model, "transposed_weights", ())
+    if tied:
+        expected.pop("lm_head.weight")
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for name, tensor, file in iter_checkpoint_tensors(path):
+        if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if name not in expected and f"{model.base_model_prefix}.{name}" in expected:
+            name = f"{model.base_model_prefix}.{name}"  # checkpoints saved from the bare base model
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        if name.endswith(transposed):
+            tensor = tensor.t()
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"tensor {name} in {file} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(expected[name].shape)}")
+        loaded[name] = tensor.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(loaded))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:20]} "
+                              f"({len(missing)} in all), unexpected {unexpected[:20]} ({len(unexpected)} in all)")
+    model.load_state_dict(loaded, strict=not tied, assign=True)
+    if tied:
+        model.tie_weights()
+    model.to(device)  # the rope buffers were built on the CPU, outside the meta device
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+    """A ready model in eval mode from a MODEL argument (short name, folder, .gguf, hub id)."""
+    path = resolve_model(str(spec))
+    config = load_config(path)
+    model = build_model(config, device="meta")
+    load_weights(model, path, dtype, device)
+    return model.eval()
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    path = resolve_model(str(spec))
+    if path.suffix == ".gguf":
+        return Tokenizer.from_gguf(read_gguf(path))
+    return Tokenizer.from_pretrained(path)

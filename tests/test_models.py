@@ -1,0 +1,147 @@
+"""Our models against transformers on small random configs of every supported architecture."""
+
+import json
+import random
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from slimserve.errors import CheckpointError
+from slimserve.models.attention import AttentionMetadata
+from slimserve.models.loader import load_model
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**SMALL),
+    "llama3-rope-tied": lambda: transformers.LlamaConfig(
+        **SMALL, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32}),
+    "llama-linear-rope-bias": lambda: transformers.LlamaConfig(
+        **SMALL, attention_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "mistral-window": lambda: transformers.MistralConfig(**SMALL, sliding_window=8),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL),
+    "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=256),
+}
+LOGITS_ATOL = 1e-3  # fp32, random weights
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    """(transformers model, our model loaded from its saved safetensors folder, folder)."""
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(CONFIGS[request.param](), attn_implementation="eager").eval()
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    return hf, load_model(folder), folder
+
+
+def flat_logits(model, seqs: list[torch.Tensor]) -> torch.Tensor:
+    ids = torch.cat(seqs)
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])
+    return model.compute_logits(model(ids, positions, AttentionMetadata.without_cache([len(s) for s in seqs])))
+
+
+@torch.no_grad()
+def test_logits_match_transformers(pair):
+    hf, ours, _ = pair
+    seqs = [torch.randint(0, 128, (n,)) for n in (23, 5, 17)]  # different lengths in one flat batch
+    out = flat_logits(ours, seqs).split([len(s) for s in seqs])
+    for seq, logits in zip(seqs, out):
+        ref = hf(seq[None]).logits[0]
+        assert (ref - logits).abs().max().item() < LOGITS_ATOL
+
+
+@torch.no_grad()
+def test_paged_cache_matches_full_forward(pair):
+    """Prefill in chunks and decode one token at a time through a shuffled block table."""
+    _, ours, _ = pair
+    seq = torch.randint(0, 128, (29,))
+    block_size, num_blocks = 4, 12
+    kv_cache = torch.zeros(ours.kv_cache_shape(num_blocks, block_size))
+    block_table = torch.tensor(random.Random(0).sample(range(num_blocks), 8))
+    chunks, start, got = [7, 9, 1, 1, 11], 0, []
+    for n in chunks:
+        end = start + n
+        positions = torch.arange(start, end)
+        slots = block_table[positions // block_size] * block_size + positions % block_size
+        meta = AttentionMetadata([0, n], [end], slots, block_table[None], kv_cache)
+        got.append(ours.compute_logits(ours(seq[start:end], positions, meta)))
+        start = end
+    ref = flat_logits(ours, [seq])
+    torch.testing.assert_close(torch.cat(got), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_checkpoint_loads(pair, tmp_path):
+    hf, ours, _ = pair
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    sharded = load_model(tmp_path)
+    for (name, a), b in zip(ours.state_dict().items(), sharded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_unknown_architecture_names_supported(pair, tmp_path):
+    _, _, folder = pair
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["FalconForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="LlamaForCausalLM.*Qwen2ForCausalLM|supported"):
+        load_model(tmp_path)
+
+
+def _copy_with(folder, tmp_path, edit):
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, tmp_path / "model.safetensors")
+    return tmp_path / "model.safetensors"
+
+
+def test_missing_tensor_is_named(pair, tmp_path):
+    _, _, folder = pair
+    name = sorted(load_file(folder / "model.safetensors"))[3]
+    _copy_with(folder, tmp_path, lambda t: t.pop(name))
+    with pytest.raises(CheckpointError, match=rf"missing \[.*'{name}'"):
+        load_model(tmp_path)
+
+
+def test_misshaped_tensor_names_tensor_and_file(pair, tmp_path):
+    _, _, folder = pair
+    name = sorted(load_file(folder / "model.safetensors"))[3]
+    file = _copy_with(folder, tmp_path, lambda t: t.__setitem__(name, torch.zeros(3, 3)))
+    with pytest.raises(CheckpointError, match=rf"{name} in {file}.*shape \(3, 3\)"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("cut", [0.001, 0.5, 0.999])
+def test_truncated_safetensors_names_file(pair, tmp_path, cut):
+    _, _, folder = pair
+    data = (folder / "model.safetensors").read_bytes()
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("offset", [0, 3, 9, 20])
+def test_bit_flipped_safetensors_header_names_file(pair, tmp_path, offset):
+    """The 8-byte header length and the JSON header: a flipped bit there must not load."""
+    _, _, folder = pair
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[offset] ^= 0x40
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(tmp_path)
+
+
+def test_nan_weights_are_refused(pair, tmp_path):
+    _, _, folder = pair
+    name = sorted(load_file(folder / "model.safetensors"))[3]
+    _copy_with(folder, tmp_path, lambda t: t[name].view(-1).__setitem__(0, float("nan")))
+    with pytest.raises(CheckpointError, match=f"{name}.*NaN"):
+        load_model(tmp_path)
