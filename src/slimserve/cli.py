@@ -1,0 +1,92 @@
+"""The `slimserve` command: parses arguments and calls the library, nothing more."""
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slimserve.assets import DEFAULT_MODEL
+
+app = typer.Typer(help="Quantize, evaluate, accelerate and serve language models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+
+ModelArg = Annotated[str, typer.Argument(help="Built-in short name, HF model folder, .gguf file or hub id.")]
+
+
+def _die(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def generate(
+    model: ModelArg = DEFAULT_MODEL,
+    prompt: Annotated[str, typer.Option(help="Prompt text.")] = "The capital of France is",
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    profile: Annotated[bool, typer.Option(help="Print tokenize/prefill/decode/detokenize times.")] = False,
+):
+    """Generate text for one prompt, streaming tokens to the terminal."""
+    from slimserve.engine.sampling_params import SamplingParams
+    from slimserve.eval.evaluate import DTYPES
+    from slimserve.generate import Generator
+    from slimserve.models.loader import load_model, load_tokenizer
+
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        tokenizer = load_tokenizer(model)
+        generator = Generator(load_model(model, DTYPES[dtype]), tokenizer)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+        if not chat:
+            sys.stdout.write(prompt)
+        result = generator.generate(text, params, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    except (ValueError, FileNotFoundError) as e:
+        _die(str(e))
+    sys.stdout.write("\n")
+    if profile:
+        typer.echo(f"\nprompt tokens: {result.profile.num_prompt_tokens}, generated: "
+                   f"{result.profile.num_generated_tokens}, finish: {result.finish_reason}")
+        typer.echo(result.profile.table())
+
+
+@app.command(name="eval")
+def eval_(
+    models: Annotated[list[str], typer.Argument(help="One or more models.")] = None,
+    dataset: Annotated[str, typer.Option(help="sotu, sotu-calib, moby-dick, or a text file.")] = "sotu",
+    dtypes: Annotated[str, typer.Option(help="Comma-separated: fp32,bf16,fp16.")] = "fp32",
+    max_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for report.md.")] = Path("report"),
+):
+    """Perplexity (DESIGN.md protocol), size and speed of each model at each dtype."""
+    from slimserve.eval.evaluate import evaluate, markdown_table
+
+    rows = []
+    try:
+        for model in models or [DEFAULT_MODEL]:
+            for dtype in dtypes.split(","):
+                rows.append(evaluate(model, dtype.strip(), dataset, max_windows))
+    except (ValueError, FileNotFoundError) as e:
+        _die(str(e))
+    table = markdown_table(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(table + "\n")
+    typer.echo(table)
+    typer.echo(f"\nwritten to {out / 'report.md'}")
+
+
+@app.command()
+def run(
+    model: ModelArg = DEFAULT_MODEL,
+    max_windows: Annotated[int, typer.Option(help="Perplexity windows to evaluate per dtype.")] = 8,
+):
+    """The main job: fetch the default model, evaluate it at fp32 and bf16, generate a sample."""
+    eval_([model], "sotu", "fp32,bf16", max_windows, Path("report"))
+    generate(model, prompt="What is the capital of France?", chat=True, profile=True, dtype="bf16")
