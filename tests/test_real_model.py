@@ -1,8 +1,14 @@
 """The real SmolLM2-135M (shipped as a Q4_1 GGUF) against transformers' own GGUF loader."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
+from safetensors.torch import save_file
 
 from slimserve.assets import fetch
 from slimserve.engine.sampling_params import SamplingParams
@@ -10,6 +16,7 @@ from slimserve.errors import ContextLengthError
 from slimserve.eval.datasets import load_text
 from slimserve.generate import Generator
 from slimserve.models.attention import AttentionMetadata
+from slimserve.models.gguf import read_gguf
 from slimserve.models.loader import load_model, load_tokenizer
 
 pytestmark = pytest.mark.real_model
@@ -67,3 +74,27 @@ def test_max_tokens_past_context_stops_with_length(ours, tokenizer):
     generator = Generator(ours, tokenizer, max_model_len=40)
     got = generator.generate([1] * 36, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
     assert len(got.token_ids) == 4 and got.finish_reason == "length"
+
+
+PEAK_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from slimserve.eval.evaluate import module_bytes, peak_rss_bytes, reset_peak_rss
+from slimserve.models.loader import load_config, build_model, load_model
+status = lambda: Path("/proc/self/status").read_text()
+build_model(load_config(Path(sys.argv[1])))  # imports and one-off allocations before the baseline
+rss0 = int(next(l for l in status().splitlines() if l.startswith("VmRSS:")).split()[1]) * 1024
+reset_peak_rss()
+model = load_model(sys.argv[1], torch.float32)
+print((peak_rss_bytes() - rss0) / module_bytes(model))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_loading_streams_tensors_peak_memory(gguf, ours, tmp_path):
+    """Peak RSS growth while loading fp32 stays under 1.3x the model's bytes, from GGUF and from safetensors."""
+    save_file({k: v for k, v in ours.state_dict().items() if k != "lm_head.weight"}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(read_gguf(gguf).config))
+    for path in (gguf, tmp_path):
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], capture_output=True, text=True, check=True)
+        assert float(out.stdout) < 1.3, (path, out.stdout)

@@ -5,10 +5,12 @@ for NaN/Inf: together these catch truncation and most data corruption, always na
 """
 
 import functools
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -62,7 +64,16 @@ _NAMES = {
 }
 # HF GPT-2 uses Conv1D, which stores weights as (in, out); GGUF holds them as (out, in).
 _GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+DEQUANT_CHUNK_BYTES = 1 << 20  # quantized bytes per dequantize call: bounds its float32 temporaries
 _PARSE_ERRORS = (OSError, EOFError, ValueError, KeyError, IndexError, OverflowError)
+
+
+class TensorInfo(NamedTuple):
+    name: str
+    tensor_type: GGMLQuantizationType
+    shape: tuple[int, ...]  # HF order: (out, in) for a weight
+    n_bytes: int
+    data_offset: int  # from the start of the file
 
 
 @dataclass
@@ -98,7 +109,7 @@ class _BoundedReader(GGUFReader):
         return super()._get_field_parts(orig_offs, raw_type)
 
 
-def _open(path: Path) -> tuple[GGUFReader, dict]:
+def _open(path: Path) -> tuple[list[TensorInfo], dict]:
     """The parsed file; parsing SmolLM2's metadata takes seconds, and loading a model asks for it
     three times (config, tensors, tokenizer), so the last two files parsed are kept."""
     if not path.is_file():
@@ -108,25 +119,28 @@ def _open(path: Path) -> tuple[GGUFReader, dict]:
 
 
 @functools.lru_cache(maxsize=2)
-def _parse(path: Path, mtime_ns: int, size: int) -> tuple[GGUFReader, dict]:
+def _parse(path: Path, mtime_ns: int, size: int) -> tuple[list[TensorInfo], dict]:
     """Keyed by modification time and size too, so a rewritten file is parsed again."""
     try:
         reader = _BoundedReader(path)
         metadata = {key: field.contents() for key, field in reader.fields.items()}
+        # Keep plain values only: the reader's per-field numpy parts weigh ~150 MB for a 49k vocabulary.
+        tensors = [TensorInfo(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape)), int(t.n_bytes),
+                              int(t.data_offset)) for t in reader.tensors]
     except _PARSE_ERRORS as e:
         raise CheckpointError(f"cannot parse GGUF file {path}: {type(e).__name__}: {e}") from e
-    return reader, metadata
+    return tensors, metadata
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
     """Metadata only: the memmapped tensor data is never touched."""
     path = Path(path)
-    reader, metadata = _open(path)
-    return _gguf_file(path, reader, metadata)
+    tensors, metadata = _open(path)
+    return _gguf_file(path, tensors, metadata)
 
 
-def _gguf_file(path: Path, reader: GGUFReader, metadata: dict) -> GGUFFile:
-    tensor_names = {t.name for t in reader.tensors}
+def _gguf_file(path: Path, tensors: list[TensorInfo], metadata: dict) -> GGUFFile:
+    tensor_names = {t.name for t in tensors}
     try:
         config = _config(metadata, tensor_names)
     except KeyError as e:
@@ -215,46 +229,64 @@ def _hf_name(arch: str, name: str, path: Path) -> str:
     raise CheckpointError(f"unexpected tensor {name!r} for architecture {arch!r} in {path}")
 
 
-def _unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
+def _unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo convert_hf_to_gguf.py's row permutation of llama q/k projections (weights or biases).
 
     HF's rotary embedding pairs dimension i with i + head_dim/2; GGML's pairs 2i with 2i+1, so the
     converter moved row (half j, i) of each head to row 2i + j. Shape (num_heads * head_dim, ...)."""
     shape = weight.shape
-    return weight.reshape(num_heads, shape[0] // num_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+    return weight.reshape(num_heads, shape[0] // num_heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
-def iter_gguf_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF parameter name, float32 tensor in HF layout), one tensor at a time.
+def iter_gguf_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF parameter name, tensor of `dtype` in HF layout), one tensor at a time.
 
-    Only the tensor being yielded is dequantized; the file itself is memory-mapped."""
+    Tensor data is read with plain file reads in chunks of rows and dequantized chunk by chunk
+    into the output tensor, so memory holds the yielded tensor plus one small chunk: neither the
+    float32 temporaries of a whole large tensor nor memory-mapped pages of the file stay resident."""
     path = Path(path)
-    reader, metadata = _open(path)
-    config = _gguf_file(path, reader, metadata).config
+    tensors, metadata = _open(path)
+    config = _gguf_file(path, tensors, metadata).config
     arch = metadata["general.architecture"]
-    for tensor in reader.tensors:
-        hf_name = _hf_name(arch, tensor.name, path)
-        if tensor.tensor_type not in SUPPORTED_TYPES:
-            raise CheckpointError(
-                f"tensor {tensor.name!r} in {path} has type {tensor.tensor_type.name}; "
-                f"supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))}"
-            )
+    with open(path, "rb") as f:
+        for tensor in tensors:
+            hf_name = _hf_name(arch, tensor.name, path)
+            if tensor.tensor_type not in SUPPORTED_TYPES:
+                raise CheckpointError(
+                    f"tensor {tensor.name!r} in {path} has type {tensor.tensor_type.name}; "
+                    f"supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))}"
+                )
+            values = _read_dequantized(f, tensor, dtype, path)  # (rows, cols) = HF's (out, in)
+            leaf = tensor.name.split(".")[-2]
+            if arch == "llama" and leaf in ("attn_q", "attn_k"):
+                num_heads = config["num_attention_heads" if leaf == "attn_q" else "num_key_value_heads"]
+                if values.shape[0] != num_heads * config["head_dim"]:
+                    raise CheckpointError(
+                        f"tensor {tensor.name!r} in {path} has {values.shape[0]} rows, "
+                        f"expected {num_heads} heads x head_dim {config['head_dim']}"
+                    )
+                values = _unpermute_rotary(values, num_heads)
+            elif arch == "gpt2" and hf_name.endswith(_GPT2_TRANSPOSED):
+                values = values.T.contiguous()
+            yield hf_name, values
+
+
+def _read_dequantized(f: BinaryIO, tensor: TensorInfo, dtype: torch.dtype, path: Path) -> torch.Tensor:
+    shape = tensor.shape
+    num_rows = math.prod(shape[:-1])
+    row_bytes = tensor.n_bytes // num_rows
+    out = torch.empty(num_rows, shape[-1], dtype=dtype)
+    rows_per_chunk = max(1, DEQUANT_CHUNK_BYTES // row_bytes)
+    for start in range(0, num_rows, rows_per_chunk):
+        n = min(rows_per_chunk, num_rows - start)
+        raw = bytearray(n * row_bytes)
+        f.seek(tensor.data_offset + start * row_bytes)
+        if f.readinto(raw) != len(raw):
+            raise CheckpointError(f"tensor {tensor.name!r} in {path} runs past the end of the file (truncated?)")
         with np.errstate(invalid="ignore", over="ignore"):  # corrupt scales give NaN/Inf, caught just below
-            values = dequantize(tensor.data, tensor.tensor_type)  # (rows, cols) = HF's (out, in)
-        assert values.dtype == np.float32 and values.shape == tuple(int(d) for d in reversed(tensor.shape))
+            values = dequantize(np.frombuffer(raw, np.uint8).reshape(n, row_bytes), tensor.tensor_type)
         # checked in numpy: torch.isfinite measured ~1000x slower on these shared 2-core CPUs
         if not np.isfinite(values).all():
             raise CheckpointError(f"tensor {tensor.name!r} in {path} holds NaN or Inf after dequantization (corrupt?)")
-        leaf = tensor.name.split(".")[-2]
-        if arch == "llama" and leaf in ("attn_q", "attn_k"):
-            num_heads = config["num_attention_heads" if leaf == "attn_q" else "num_key_value_heads"]
-            if values.shape[0] != num_heads * config["head_dim"]:
-                raise CheckpointError(
-                    f"tensor {tensor.name!r} in {path} has {values.shape[0]} rows, "
-                    f"expected {num_heads} heads x head_dim {config['head_dim']}"
-                )
-            values = _unpermute_rotary(values, num_heads)
-        elif arch == "gpt2" and hf_name.endswith(_GPT2_TRANSPOSED):
-            values = values.T
-        # copies only what is still a read-only memmap view (F32) or a transposed view
-        yield hf_name, torch.from_numpy(np.require(values, np.float32, ["C", "W"]))
+        out[start : start + n] = torch.from_numpy(values.reshape(n, shape[-1]))
+    return out.view(shape)

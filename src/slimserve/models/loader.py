@@ -56,10 +56,11 @@ def build_model(config: dict, device: str | torch.device = "meta") -> nn.Module:
         return model_cls(args_cls.from_dict(config))
 
 
-def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """(name, tensor, file) for every tensor of a GGUF file or safetensors folder, one at a time."""
+def iter_checkpoint_tensors(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """(name, tensor, file) for every tensor of a GGUF file (dequantized to dtype) or safetensors
+    folder (as stored), one at a time."""
     if path.suffix == ".gguf":
-        for name, tensor in iter_gguf_tensors(path):
+        for name, tensor in iter_gguf_tensors(path, dtype):
             yield name, tensor, path
         return
     files = sorted(path.glob("*.safetensors"))
@@ -68,12 +69,16 @@ def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, Pat
     for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
-                for name in f.keys():
+                names = list(f.keys())
+            for name in names:
+                # One open per tensor: closing unmaps the file, so its pages do not stay resident
+                # beside the copies (peak memory ~ the model, not model + file).
+                with safe_open(file, framework="pt", device="cpu") as f:
                     tensor = f.get_tensor(name)
-                    # numpy: torch.isfinite is far slower on these CPUs (GGUF tensors are checked in gguf.py)
-                    if tensor.is_floating_point() and not np.isfinite(tensor.float().numpy()).all():
-                        raise CheckpointError(f"tensor {name} in {file} holds NaN or Inf values: the file is corrupt")
-                    yield name, tensor, file
+                # numpy: torch.isfinite is far slower on these CPUs (GGUF tensors are checked in gguf.py)
+                if tensor.is_floating_point() and not np.isfinite(tensor.float().numpy()).all():
+                    raise CheckpointError(f"tensor {name} in {file} holds NaN or Inf values: the file is corrupt")
+                yield name, tensor, file
         except SafetensorError as e:
             raise CheckpointError(f"{file} is truncated or corrupt: {e}") from e
 
@@ -87,7 +92,7 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype, device: str |
         expected.pop("lm_head.weight")
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
-    for name, tensor, file in iter_checkpoint_tensors(path):
+    for name, tensor, file in iter_checkpoint_tensors(path, dtype):
         if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         if name not in expected and f"{model.base_model_prefix}.{name}" in expected:
