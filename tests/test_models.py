@@ -68,11 +68,32 @@ def test_paged_cache_matches_full_forward(pair):
         end = start + n
         positions = torch.arange(start, end)
         slots = block_table[positions // block_size] * block_size + positions % block_size
-        meta = AttentionMetadata([0, n], [end], slots, block_table[None], kv_cache)
+        meta = AttentionMetadata([0, n], [end], slots, block_table[None], kv_cache, num_decode_seqs=int(n == 1))
         got.append(ours.compute_logits(ours(seq[start:end], positions, meta)))
         start = end
     ref = flat_logits(ours, [seq])
     torch.testing.assert_close(torch.cat(got), ref, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_batched_decode_matches_per_sequence_decode(pair):
+    """Decodes of sequences with different context lengths in one padded call == one call each."""
+    _, ours, _ = pair
+    block_size, lens = 4, [9, 3, 14]
+    kv_cache = torch.zeros(ours.kv_cache_shape(16, block_size))
+    tables = torch.tensor([[5, 1, 9, -1], [2, -1, -1, -1], [0, 3, 7, 11]])
+    for s, n in enumerate(lens):  # prefill each sequence
+        positions = torch.arange(n)
+        slots = tables[s][positions // block_size] * block_size + positions % block_size
+        ours(torch.randint(0, 128, (n,)), positions, AttentionMetadata([0, n], [n], slots, tables[s:s + 1], kv_cache))
+    positions = torch.tensor(lens)
+    slots = tables[torch.arange(3), positions // block_size] * block_size + positions % block_size
+    ids = torch.randint(0, 128, (3,))
+    logits = {}
+    for num_decode in (3, 0):
+        meta = AttentionMetadata([0, 1, 2, 3], [n + 1 for n in lens], slots, tables, kv_cache.clone(), num_decode)
+        logits[num_decode] = ours.compute_logits(ours(ids, positions, meta))
+    torch.testing.assert_close(logits[3], logits[0], atol=1e-5, rtol=1e-5)
 
 
 def test_sharded_checkpoint_loads(pair, tmp_path):

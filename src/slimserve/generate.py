@@ -94,7 +94,7 @@ class Generator:
             end = start + len(new_ids)
             meta = AttentionMetadata(cu_seqlens_q=[0, len(new_ids)], context_lens=[end],
                                      slot_mapping=torch.arange(start, end, device=self.device),
-                                     block_tables=block_table, kv_cache=kv_cache)
+                                     block_tables=block_table, kv_cache=kv_cache, num_decode_seqs=int(start > 0))
             ids = torch.tensor(new_ids, device=self.device)
             hidden = self.model(ids, torch.arange(start, end, device=self.device), meta)
             logits = self.model.compute_logits(hidden[-1:])

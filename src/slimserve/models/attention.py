@@ -9,6 +9,7 @@ the blocks holding its context in order, and slot_mapping gives each new token i
 (block_id * block_size + offset).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ class AttentionMetadata:
     slot_mapping: (T,) int64 cache slot of each new token, or None to run without a cache.
     block_tables: (S, max_blocks) int64, or None without a cache; -1 pads unused entries.
     kv_cache: (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), or None.
+    num_decode_seqs: the first num_decode_seqs sequences have one new token each; with a cache
+        they are attended in one batched call instead of one call per sequence.
     """
 
     cu_seqlens_q: list[int]
@@ -32,6 +35,20 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     kv_cache: torch.Tensor | None = None
+    num_decode_seqs: int = 0
+
+    @functools.cached_property
+    def decode_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Shared by every layer of a step: the decode sequences' block tables cut to the longest
+        context, key positions (L,), and context lengths (n, 1) for masking."""
+        n = self.num_decode_seqs
+        assert n and self.cu_seqlens_q[n] == n, "decode sequences come first, one token each"
+        block_size = self.kv_cache.shape[3]
+        context_lens = self.context_lens[:n]
+        num_blocks = -(-max(context_lens) // block_size)
+        device = self.block_tables.device
+        return (self.block_tables[:n, :num_blocks], torch.arange(num_blocks * block_size, device=device),
+                torch.tensor(context_lens, device=device)[:, None])
 
     @classmethod
     def without_cache(cls, seq_lens: list[int]) -> "AttentionMetadata":
@@ -65,7 +82,10 @@ class PagedAttention(nn.Module):
             k_cache, v_cache = meta.kv_cache[self.layer_idx]  # (num_blocks, block_size, Hkv, D)
             store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
-        for s in range(meta.num_seqs):
+        n = meta.num_decode_seqs if meta.kv_cache is not None else 0
+        if n:
+            out[:n] = self._decode(q[:n], k_cache, v_cache, meta)
+        for s in range(n, meta.num_seqs):
             start, end = meta.cu_seqlens_q[s], meta.cu_seqlens_q[s + 1]
             ctx = meta.context_lens[s]
             if meta.kv_cache is None:
@@ -75,6 +95,19 @@ class PagedAttention(nn.Module):
                 v_s = gather_blocks(v_cache, meta.block_tables[s], ctx)
             out[start:end] = self._attend(q[start:end], k_s, v_s)
         return out
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+                ) -> torch.Tensor:
+        """One query token per sequence, q: (n, H, D), all sequences in one padded, masked call."""
+        block_tables, key_positions, context_lens = meta.decode_layout
+        k = k_cache[block_tables].flatten(1, 2).transpose(1, 2)  # (n, Hkv, L, D)
+        v = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
+        mask = key_positions < context_lens  # (n, L)
+        if self.sliding_window is not None:
+            mask &= key_positions >= context_lens - self.sliding_window
+        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None, :], scale=self.scale,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        return out[:, :, 0]
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: (Tq, H, D) are the last Tq of the Tk positions in k, v: (Tk, Hkv, D)."""
