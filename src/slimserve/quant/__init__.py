@@ -1,0 +1,1 @@
+"""Weight (and activation) quantization: RTN, GPTQ, packed storage and quantized Linear layers."""

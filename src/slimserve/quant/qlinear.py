@@ -1,0 +1,319 @@
+"""QuantLinear: a Linear layer whose weight lives as packed integers, and quantize_model.
+
+The kernel is chosen once, when the integers are set (from_linear, load_state_dict), from the
+buffers' device, the compute dtype (the scales' dtype) and the scheme, never at call time:
+
+- INT8_CPU: aten._weight_int8pack_mm, int8 weight (out, in) times one scale per output channel;
+  symmetric 8-bit, per channel or per tensor, bf16 activations.
+- INT4_CPU: aten._weight_int4pack_mm_for_cpu on the layout of _convert_weight_to_int4pack_for_cpu;
+  4-bit, out % 16 == 0, groups of 32/64/128/256 (a larger group or a whole row is expressed with
+  repeated scales), bf16 activations, AVX2/AVX512 builds. The kernel computes (q - 8) * scale + zero_f per
+  element, so zero_f = (8 - zero) * scale.
+- W8A8_CPU: weights as INT8_CPU, activations quantized per token to int8 at run time,
+  int8 x int8 -> int32 through torch._int_mm.
+- W8A8_REF: the same arithmetic with a float matmul of the integers (any device).
+- REF: dequantize, then F.linear: 3/2-bit, asymmetric 8-bit, odd groups, fp32/fp16 activations,
+  every non-CPU device (CUDA for now).
+
+Whatever the kernel, state_dict holds the portable form: qweight (out, in * bits / 8) uint8 packed
+along `in` (packing.pack_bits), scales (rows, num_groups) in the compute dtype, zeros
+(rows, num_groups) uint8, g_idx (in,) int32 when act-order regrouped the columns, and bias;
+rows is 1 per tensor (group_size 0), else out.
+"""
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slimserve.config import QuantConfig
+from slimserve.quant.packing import (
+    int4_cpu_layout_known,
+    pack_bits,
+    pack_int4_cpu,
+    unpack_bits,
+    unpack_int4_cpu,
+)
+from slimserve.quant.rtn import check_bits, check_group_size, dequantize_weight, quantize_weight
+
+# torch's packed int8/int4 CPU kernels are vectorized for bf16 activations only; with fp32/fp16
+# they run scalar loops, 10-40x slower than dequantize + F.linear (576 x 1536, batch 8, measured).
+PACKED_CPU_DTYPES = (torch.bfloat16,)
+INT4_CPU_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
+
+
+def int4_cpu_group_size(group_size: int, in_features: int) -> int | None:
+    """The kernel group expressing `group_size` (a whole row if <= 0), or None if none fits."""
+    span = in_features if group_size <= 0 else group_size
+    return next((g for g in INT4_CPU_GROUP_SIZES if span % g == 0), None)
+
+
+class Kernel(Enum):
+    REF = "ref"
+    INT8_CPU = "int8_cpu"
+    INT4_CPU = "int4_cpu"
+    W8A8_CPU = "w8a8_cpu"
+    W8A8_REF = "w8a8_ref"
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequantize(qweight).T + bias, for x (..., in_features) of the layer's dtype."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        bias: bool = False,
+        act_bits: int | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_bits(bits)
+        check_group_size(group_size, in_features)
+        if in_features * bits % 8 != 0:
+            raise ValueError(f"in_features {in_features} x bits {bits} is not a whole number of bytes")
+        if act_bits is not None and (act_bits != 8 or bits != 8 or not sym or group_size > 0):
+            raise ValueError(f"act_bits={act_bits} needs 8 with symmetric per-channel 8-bit weights")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym, self.act_bits = bits, group_size, sym, act_bits
+        self.num_groups = in_features // group_size if group_size > 0 else 1
+        self.scale_rows = 1 if group_size == 0 else out_features
+        self.kernel = Kernel.REF
+        groups = (self.scale_rows, self.num_groups)
+        packed = (out_features, in_features * bits // 8)
+        self.register_buffer("qweight", torch.empty(packed, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.empty(groups, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros", None)  # INT4_CPU only
+        self.register_buffer("perm", None)  # column order making act-order groups contiguous
+        self.register_buffer(
+            "bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.scales if self.scales is not None else self.scales_and_zeros).dtype
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        config: QuantConfig,
+        q: Tensor | None = None,
+        scales: Tensor | None = None,
+        zeros: Tensor | None = None,
+        g_idx: Tensor | None = None,
+    ) -> "QuantLinear":
+        """RTN-quantize `linear`, or wrap precomputed results (GPTQ's q, scales, zeros, g_idx)."""
+        weight = linear.weight.detach()
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            config.bits,
+            config.group_size,
+            config.sym,
+            bias=linear.bias is not None,
+            act_bits=config.act_bits,
+            dtype=weight.dtype,
+            device="meta",
+        )
+        if q is None:
+            q, scales, zeros = quantize_weight(weight, config.bits, config.group_size, config.sym)
+        bias = None if linear.bias is None else linear.bias.detach()
+        module.set_quantized(q, scales.to(weight.dtype), zeros, g_idx, bias)
+        return module
+
+    def set_quantized(
+        self, q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor | None, bias: Tensor | None
+    ) -> None:
+        """Store integers q (out, in), scales and zeros (rows, num_groups); pick the kernel.
+
+        The compute dtype is scales.dtype; the kernel follows q's device.
+        """
+        groups = (self.scale_rows, self.num_groups)
+        if q.shape != (self.out_features, self.in_features):
+            expected = (self.out_features, self.in_features)
+            raise ValueError(f"q has shape {tuple(q.shape)}, expected {expected}")
+        if scales.shape != groups or zeros.shape != groups:
+            raise ValueError(f"scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)}, expected {groups}")
+        if int(q.min()) < 0 or int(q.max()) >= 2**self.bits:
+            raise ValueError(f"q must lie in [0, {2**self.bits}), got [{int(q.min())}, {int(q.max())}]")
+        if (bias is None) != (self.bias is None):
+            raise ValueError(f"bias given: {bias is not None}, layer has bias: {self.bias is not None}")
+        self.perm = None if g_idx is None else self._group_order(g_idx.to(q.device))
+        if self.perm is not None:
+            q = q[:, self.perm]
+        self.bias = bias
+        self.kernel = self._choose_kernel(q.device, scales.dtype)
+        self.qweight, self.scales, self.zeros, self.scales_and_zeros = None, None, None, None
+        if self.kernel is Kernel.INT4_CPU:
+            self.qweight = pack_int4_cpu(q)
+            self.scales_and_zeros = self._int4_scales_and_zeros(scales, zeros)
+        elif self.kernel is Kernel.REF:
+            self.qweight = pack_bits(q.to(torch.uint8), self.bits, dim=1, dtype=torch.uint8)
+            self.scales, self.zeros = scales, zeros.to(torch.uint8)
+        else:  # symmetric 8-bit: the zero point is 128, so q - 128 is the signed weight
+            if not bool((zeros == 128).all()):
+                raise ValueError(f"symmetric 8-bit zeros must all be 128, got {zeros.unique()[:8].tolist()}")
+            self.qweight = (q.to(torch.int16) - 128).to(torch.int8)
+            self.scales = scales.expand(self.out_features, 1).reshape(-1).contiguous()
+
+    def _group_order(self, g_idx: Tensor) -> Tensor | None:
+        """Column order making every group contiguous, or None if g_idx is already trivial."""
+        if g_idx.shape != (self.in_features,):
+            raise ValueError(f"g_idx has shape {tuple(g_idx.shape)}, expected {(self.in_features,)}")
+        g_idx = g_idx.long()
+        columns = torch.arange(self.in_features, device=g_idx.device)
+        span = self.group_size if self.group_size > 0 else self.in_features
+        if torch.equal(g_idx, columns // span):
+            return None  # per-group in order, or one group per row (all zeros)
+        if self.group_size <= 0:
+            raise ValueError(f"group_size {self.group_size} has one group per row; g_idx must be all 0")
+        counts = torch.bincount(g_idx, minlength=self.num_groups)
+        if counts.numel() != self.num_groups or not bool((counts == self.group_size).all()):
+            raise ValueError(f"g_idx must give each group {self.group_size} columns, got {counts.tolist()}")
+        return torch.argsort(g_idx, stable=True)
+
+    def _choose_kernel(self, device: torch.device, dtype: torch.dtype) -> Kernel:
+        on_cpu = device.type == "cpu"
+        if self.act_bits == 8:
+            return Kernel.W8A8_CPU if on_cpu else Kernel.W8A8_REF
+        packed_cpu = on_cpu and dtype in PACKED_CPU_DTYPES
+        if packed_cpu and self.bits == 8 and self.sym and self.group_size <= 0:
+            return Kernel.INT8_CPU
+        if (
+            packed_cpu
+            and self.bits == 4
+            and self.out_features % 16 == 0
+            and int4_cpu_group_size(self.group_size, self.in_features) is not None
+            and int4_cpu_layout_known()
+        ):
+            return Kernel.INT4_CPU
+        return Kernel.REF
+
+    def _int4_scales_and_zeros(self, scales: Tensor, zeros: Tensor) -> Tensor:
+        """(in / kernel_group, out, 2): each kernel group's scale and float zero (8 - zero) * scale."""
+        kernel_group = int4_cpu_group_size(self.group_size, self.in_features)
+        repeat = self.in_features // self.num_groups // kernel_group
+        s = scales.float().expand(self.out_features, -1).repeat_interleave(repeat, dim=1)
+        z = zeros.float().expand(self.out_features, -1).repeat_interleave(repeat, dim=1)
+        return torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(scales.dtype)
+
+    def quantized(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The portable form: (q (out, in) uint8, scales, zeros uint8, g_idx int32 or None)."""
+        if self.kernel is Kernel.INT4_CPU:
+            q = unpack_int4_cpu(self.qweight, self.out_features, self.in_features)
+            step = self.scales_and_zeros.shape[0] // self.num_groups
+            pairs = self.scales_and_zeros[::step, : self.scale_rows].float().transpose(0, 1)
+            s, zero_f = pairs[..., 0], pairs[..., 1]
+            # exact: (8 - zero) * s has at most 12 significant bits before rounding to dtype
+            zeros = torch.where(s == 0, 8.0, torch.round(8 - zero_f / s)).to(torch.uint8)
+            scales = s.to(self.dtype)
+        elif self.kernel is Kernel.REF:
+            q = unpack_bits(self.qweight, self.bits, dim=1)
+            scales, zeros = self.scales, self.zeros
+        else:
+            q = (self.qweight.to(torch.int16) + 128).to(torch.uint8)
+            scales = self.scales[: self.scale_rows, None]
+            zeros = torch.full(scales.shape, 128, dtype=torch.uint8, device=q.device)
+        if self.perm is None:
+            return q, scales, zeros, None
+        inverse = torch.argsort(self.perm)
+        sorted_groups = torch.arange(self.in_features, device=q.device) // self.group_size
+        return q[:, inverse], scales, zeros, sorted_groups[inverse].to(torch.int32)
+
+    def dequantize(self) -> Tensor:
+        """The weight (out, in) in the layer's dtype, columns in their original order."""
+        q, scales, zeros, g_idx = self.quantized()
+        return dequantize_weight(q, scales, zeros, g_idx).to(self.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != self.dtype:
+            raise ValueError(f"input dtype {x.dtype} does not match the layer's dtype {self.dtype}")
+        x2 = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        x2 = x2.contiguous()
+        if self.kernel is Kernel.INT4_CPU:
+            kernel_group = self.in_features // self.scales_and_zeros.shape[0]
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, self.qweight, kernel_group, self.scales_and_zeros
+            )
+        elif self.kernel is Kernel.INT8_CPU:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        elif self.kernel is Kernel.REF:
+            q = unpack_bits(self.qweight, self.bits, dim=1)
+            y = F.linear(x2, dequantize_weight(q, self.scales, self.zeros).to(self.dtype))
+        else:
+            y = self._w8a8(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _w8a8(self, x2: Tensor) -> Tensor:
+        """Per-token symmetric int8 activations (W8A8 dynamic), products summed in int32."""
+        x_scales = x2.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+        x_q = torch.round(x2.float() / x_scales).clamp(-127, 127).to(torch.int8)
+        if self.kernel is Kernel.W8A8_CPU:
+            acc = torch._int_mm(x_q, self.qweight.t()).float()
+        else:
+            # float32 sums of integer products: exact below 2^24, else off by a few ulp
+            acc = x_q.float() @ self.qweight.float().t()
+        return (acc * x_scales * self.scales.float()).to(self.dtype)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        q, scales, zeros, g_idx = self.quantized()
+        destination[prefix + "qweight"] = pack_bits(q, self.bits, dim=1, dtype=torch.uint8)
+        destination[prefix + "scales"] = scales.contiguous()
+        destination[prefix + "zeros"] = zeros.contiguous()
+        if g_idx is not None:
+            destination[prefix + "g_idx"] = g_idx
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        names = ["qweight", "scales", "zeros"] + (["bias"] if self.bias is not None else [])
+        missing = [prefix + name for name in names if prefix + name not in state_dict]
+        missing_keys.extend(missing)
+        own = {key[len(prefix) :] for key in state_dict if key.startswith(prefix)}
+        unexpected = {name for name in own if "." not in name} - set(names) - {"g_idx"}
+        unexpected_keys.extend(prefix + name for name in sorted(unexpected))
+        if missing:
+            return
+        # A layer built on "meta" takes the tensors' device; a materialized one keeps its own.
+        device = self.qweight.device if self.qweight.device.type != "meta" else None
+        tensors = {name: state_dict[prefix + name].to(device) for name in names}
+        g_idx = state_dict.get(prefix + "g_idx")
+        self.set_quantized(
+            unpack_bits(tensors["qweight"], self.bits, dim=1),
+            tensors["scales"],
+            tensors["zeros"],
+            None if g_idx is None else g_idx.to(device),
+            tensors.get("bias"),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, sym={self.sym}, act_bits={self.act_bits}, "
+            f"kernel={self.kernel.value}"
+        )
+
+
+def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Replace, in place, every nn.Linear that config.for_module(name) keeps by an RTN QuantLinear."""
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, linear in targets:
+        module_config = config.for_module(name)
+        if module_config is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, QuantLinear.from_linear(linear, module_config))
+    return model

@@ -1,0 +1,104 @@
+"""Round-to-nearest (RTN) weight quantization per tensor, per output channel or per group.
+
+The integer grid is GPTQ's: q = clamp(round(w / scale) + zero, 0, 2^bits - 1) and
+w ≈ scale * (q - zero), with zero an integer. Asymmetric ranges are widened to include 0, so
+the zero point is exactly representable; symmetric quantization uses zero = 2^(bits-1) and
+scale = 2 max|w| / (2^bits - 1). Either way |w - dequantized| <= scale / 2 for every element.
+
+Shapes for a weight of shape (out, in): q (out, in) uint8; scales and zeros (1, 1) per tensor,
+(out, 1) per channel, (out, in // group_size) per group; scales float32, zeros uint8.
+"""
+
+import torch
+from torch import Tensor
+
+
+def check_bits(bits: int) -> None:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be between 2 and 8, got {bits}")
+
+
+def check_group_size(group_size: int, in_features: int) -> None:
+    if group_size < -1:
+        raise ValueError(f"group_size must be -1, 0 or positive, got {group_size}")
+    if group_size > 0 and in_features % group_size != 0:
+        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+
+
+def check_finite(tensor: Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        num_bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{what} contains {num_bad} NaN or Inf values")
+
+
+def compute_scales(rows: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Scale and zero point for each row of `rows` (R, C) float32 -> ((R, 1), (R, 1)) float32."""
+    maxq = 2**bits - 1
+    xmin = rows.amin(dim=-1, keepdim=True).clamp(max=0)
+    xmax = rows.amax(dim=-1, keepdim=True).clamp(min=0)
+    if sym:
+        # Unlike GPTQ's quantizer, an all-positive row also gets xmin = -xmax: keeping xmin = 0
+        # there would clip its top half to 2^(bits-1) - 1 steps.
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    # An all-zero row is reproduced by any scale; the range [-1, 1] avoids dividing by zero.
+    empty = xmax == xmin
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scales = (xmax - xmin) / maxq
+    if sym:
+        zeros = torch.full_like(scales, float(2 ** (bits - 1)))
+    else:
+        zeros = torch.round(-xmin / scales)
+    return scales, zeros
+
+
+def quantize_to_grid(w: Tensor, scales: Tensor, zeros: Tensor, bits: int) -> Tensor:
+    """Integers for w on the grid given by broadcastable scales and zeros (all float32)."""
+    return torch.clamp(torch.round(w / scales) + zeros, 0, 2**bits - 1)
+
+
+def _as_rows(w: Tensor, group_size: int) -> Tensor:
+    """View w (out, in) as the rows that share one scale."""
+    if group_size == 0:
+        return w.reshape(1, -1)
+    if group_size == -1:
+        return w
+    return w.reshape(-1, group_size)
+
+
+def quantize_weight(
+    w: Tensor, bits: int, group_size: int, sym: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """RTN-quantize w (out, in) -> (q uint8 (out, in), scales float32, zeros uint8)."""
+    check_bits(bits)
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(w.shape)}")
+    out_features, in_features = w.shape
+    check_group_size(group_size, in_features)
+    check_finite(w, "weight")
+    rows = _as_rows(w.float(), group_size)
+    scales, zeros = compute_scales(rows, bits, sym)
+    q = quantize_to_grid(rows, scales, zeros, bits).reshape(out_features, in_features)
+    num_groups = 1 if group_size <= 0 else in_features // group_size
+    scale_rows = 1 if group_size == 0 else out_features
+    scales = scales.reshape(scale_rows, num_groups)
+    zeros = zeros.reshape(scale_rows, num_groups)
+    return q.to(torch.uint8), scales, zeros.to(torch.uint8)
+
+
+def dequantize_weight(
+    q: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor | None = None
+) -> Tensor:
+    """scales * (q - zeros) as float32 (out, in).
+
+    Without g_idx, column j belongs to group j // (in // num_groups); with g_idx (in,) (GPTQ
+    act-order), to group g_idx[j].
+    """
+    scales, zeros = scales.float(), zeros.float()
+    if g_idx is not None:
+        return (q.float() - zeros[:, g_idx]) * scales[:, g_idx]
+    out_features, in_features = q.shape
+    num_groups = scales.shape[1]
+    groups = q.reshape(out_features, num_groups, in_features // num_groups).float()
+    return ((groups - zeros[..., None]) * scales[..., None]).reshape(out_features, in_features)

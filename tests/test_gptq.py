@@ -1,0 +1,193 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimserve.config import QuantConfig
+from slimserve.models.attention import AttentionMetadata
+from slimserve.models.llama import LlamaArgs, LlamaForCausalLM
+from slimserve.quant.gptq import GPTQ, gptq_quantize
+from slimserve.quant.qlinear import QuantLinear
+from slimserve.quant.rtn import dequantize_weight, quantize_weight
+
+
+def correlated_inputs(num_tokens: int, in_features: int, seed: int) -> torch.Tensor:
+    """Random inputs with correlated channels and a few large ones, like LLM activations."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(in_features, in_features, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(num_tokens, in_features, generator=generator) @ mixing / in_features**0.5
+    x[:, :4] *= 8
+    return x
+
+
+def reconstruction_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> float:
+    """||W X - Q X||² over the rows of x."""
+    return float(((x @ (weight - approx).t()) ** 2).sum())
+
+
+def gptq_and_rtn_errors(layer: nn.Linear, calib, held_out, bits: int, group_size: int, **options):
+    """||W X - Q X||² on held-out inputs for GPTQ (calibrated on calib) and for RTN."""
+    gptq = GPTQ(layer)
+    gptq.add_batch(calib)
+    q, scales, zeros, g_idx = gptq.quantize(bits, group_size, sym=False, **options)
+    W = layer.weight.detach()
+    rtn = dequantize_weight(*quantize_weight(W, bits, group_size, sym=False))
+    gptq_weight = dequantize_weight(q, scales, zeros, g_idx)
+    return reconstruction_error(W, gptq_weight, held_out), reconstruction_error(W, rtn, held_out)
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 128), (3, 128), (4, -1)])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size):
+    layer = nn.Linear(256, 128, bias=False)
+    torch.manual_seed(0)
+    nn.init.normal_(layer.weight, std=0.05)
+    gptq_error, rtn_error = gptq_and_rtn_errors(
+        layer, correlated_inputs(2048, 256, seed=1), correlated_inputs(1024, 256, seed=2), bits, group_size
+    )
+    assert gptq_error < 0.8 * rtn_error
+
+
+@pytest.fixture(scope="module")
+def smollm2_ffn_down() -> tuple[nn.Linear, torch.Tensor]:
+    """blk.0.ffn_down (1536 -> 576; 1536 = 12 x 128) of the SmolLM2 GGUF and 3072 real-ish inputs.
+
+    Inputs: token embeddings of random token ids through ffn_norm (the MLP input without
+    attention's residual), then the real gate/up projections: silu(x Wg^T) * (x Wu^T).
+    """
+    gguf = pytest.importorskip("gguf")
+    from slimserve import assets
+
+    reader = gguf.GGUFReader(assets.fetch("smollm2-135m"))
+    tensors = {t.name: t for t in reader.tensors}
+
+    def dense(name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        t = tensors[name]
+        data = t.data if rows is None else t.data[rows.numpy()]  # quantized blocks are per row
+        return torch.tensor(gguf.quants.dequantize(data, t.tensor_type))
+
+    vocab_size = tensors["token_embd.weight"].data.shape[0]
+    token_ids = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(0))[:3072]
+    h = F.rms_norm(dense("token_embd.weight", token_ids), (576,), dense("blk.0.ffn_norm.weight"), 1e-5)
+    x = F.silu(h @ dense("blk.0.ffn_gate.weight").t()) * (h @ dense("blk.0.ffn_up.weight").t())
+    layer = nn.Linear(1536, 576, bias=False)
+    layer.weight.data.copy_(dense("blk.0.ffn_down.weight"))
+    return layer, x
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("bits, act_order", [(4, False), (3, True)])
+def test_gptq_beats_rtn_on_smollm2_ffn_down(smollm2_ffn_down, bits, act_order):
+    layer, x = smollm2_ffn_down
+    # calibration and held-out tokens are disjoint
+    gptq_error, rtn_error = gptq_and_rtn_errors(layer, x[:2048], x[2048:], bits, 128, act_order=act_order)
+    assert gptq_error < 0.9 * rtn_error
+
+
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_act_order_g_idx_dequantizes_consistently(static_groups):
+    layer = nn.Linear(256, 64, bias=True)
+    gptq = GPTQ(layer)
+    gptq.add_batch(correlated_inputs(1024, 256, seed=3))
+    q, scales, zeros, g_idx = gptq.quantize(4, 32, sym=True, act_order=True, static_groups=static_groups)
+    assert g_idx.dtype == torch.int32 and g_idx.shape == (256,)
+    assert torch.bincount(g_idx.long()).tolist() == [32] * 8  # every group has group_size columns
+    trivial = torch.equal(g_idx.long(), torch.arange(256) // 32)
+    assert trivial == static_groups  # static groups keep contiguous groups despite act-order
+    weight = dequantize_weight(q, scales, zeros, g_idx)
+    module = QuantLinear.from_linear(layer, QuantConfig(bits=4, group_size=32), q, scales, zeros, g_idx)
+    torch.testing.assert_close(module.dequantize(), weight, rtol=0, atol=0)
+    x = correlated_inputs(7, 256, seed=4)
+    torch.testing.assert_close(module(x), F.linear(x, weight, layer.bias), rtol=1e-4, atol=1e-4)
+
+
+def test_hessian_is_running_mean_over_batches():
+    layer = nn.Linear(32, 8)
+    x = correlated_inputs(100, 32, seed=5)
+    whole, parts = GPTQ(layer), GPTQ(layer)
+    whole.add_batch(x)
+    for chunk in (x[:13], x[13:14], x[14:]):
+        parts.add_batch(chunk.reshape(1, -1, 32))  # leading dims are flattened into tokens
+    torch.testing.assert_close(parts.hessian, whole.hessian)
+    torch.testing.assert_close(whole.hessian, 2 / 100 * x.t() @ x)
+    assert parts.num_samples == 100
+
+
+def test_dead_inputs_get_zero_weight():
+    layer = nn.Linear(64, 16, bias=False)
+    x = correlated_inputs(256, 64, seed=6)
+    x[:, 10] = 0  # an input channel that never fires
+    gptq = GPTQ(layer)
+    gptq.add_batch(x)
+    q, scales, zeros, g_idx = gptq.quantize(4, 32, sym=False)
+    weight = dequantize_weight(q, scales, zeros, g_idx)
+    assert torch.isfinite(weight).all()
+    assert (weight[:, 10].abs() <= scales[:, 0] / 2).all()  # quantized from 0
+
+
+def test_no_calibration_samples_rejected():
+    gptq = GPTQ(nn.Linear(64, 16))
+    gptq.add_batch(torch.zeros(0, 64))
+    with pytest.raises(ValueError, match="GPTQ has no calibration samples"):
+        gptq.quantize(4, 32, sym=True)
+
+
+def test_nan_in_hessian_rejected():
+    gptq = GPTQ(nn.Linear(64, 16))
+    x = torch.randn(32, 64)
+    x[3, 5] = float("nan")
+    gptq.add_batch(x)
+    with pytest.raises(ValueError, match=r"Hessian \(from the calibration activations\) contains \d+ NaN"):
+        gptq.quantize(4, 32, sym=True)
+
+
+def test_nan_in_weight_rejected():
+    layer = nn.Linear(64, 16)
+    layer.weight.data[0, 0] = float("nan")
+    gptq = GPTQ(layer)
+    gptq.add_batch(torch.randn(32, 64))
+    with pytest.raises(ValueError, match="weight contains 1 NaN or Inf"):
+        gptq.quantize(4, 32, sym=True)
+
+
+@pytest.mark.parametrize(
+    "bits, group_size, message",
+    [(1, 32, "bits must be between 2 and 8, got 1"), (9, 32, "bits must be between 2 and 8, got 9"),
+     (4, 48, "group_size 48 does not divide in_features 64")],
+)
+def test_bad_scheme_rejected(bits, group_size, message):
+    gptq = GPTQ(nn.Linear(64, 16))
+    gptq.add_batch(torch.randn(32, 64))
+    with pytest.raises(ValueError, match=message):
+        gptq.quantize(bits, group_size, sym=True)
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    args = LlamaArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
+    return LlamaForCausalLM(args).eval()
+
+
+def logits(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    meta = AttentionMetadata.without_cache([len(ids)])
+    with torch.no_grad():
+        return model.compute_logits(model(ids, torch.arange(len(ids)), meta))
+
+
+def test_gptq_quantize_replaces_every_kept_linear_of_a_llama():
+    model = tiny_llama()
+    calib = [torch.randint(0, 128, (48,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    reference = logits(model, calib[0])
+    skip_one = {"layers.1.mlp.down_proj": {"skip": True}}
+    config = QuantConfig(method="gptq", bits=8, group_size=32, modules=skip_one)
+    gptq_quantize(model, calib, config)
+    names = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(names) == 2 * 7 + 1 - 1 and "lm_head" in names
+    assert isinstance(model.model.layers[1].mlp.down_proj, nn.Linear)
+    relative_error = (logits(model, calib[0]) - reference).norm() / reference.norm()
+    assert relative_error < 0.01  # 8 bits: close to the float model
+
+
+def test_gptq_quantize_needs_calibration_text():
+    with pytest.raises(ValueError, match="GPTQ needs non-empty calibration sequences, got 0"):
+        gptq_quantize(tiny_llama(), [], QuantConfig(method="gptq"))

@@ -1,0 +1,200 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimserve.config import QuantConfig
+from slimserve.quant.packing import int4_cpu_layout_known, pack_bits
+from slimserve.quant.qlinear import Kernel, QuantLinear, quantize_model
+from slimserve.quant.rtn import dequantize_weight, quantize_weight
+
+# Kernel vs dequantize-then-F.linear: both read the same stored integers and scales, so they
+# differ only in summation order and, for int4, in the rounding of the float zero to dtype.
+TOLERANCES = {
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+INT4_CPU = Kernel.INT4_CPU if int4_cpu_layout_known() else Kernel.REF
+
+# (bits, group_size, sym, act_bits) -> the kernel the CPU must pick for bf16 activations; the
+# packed int8/int4 kernels are scalar for fp32, so fp32 layers take REF (W8A8 is dtype-agnostic).
+SCHEMES = {
+    (8, -1, True, None): Kernel.INT8_CPU,
+    (8, 0, True, None): Kernel.INT8_CPU,
+    (4, 128, False, None): INT4_CPU,
+    (4, 32, True, None): INT4_CPU,
+    (4, -1, False, None): INT4_CPU,  # one group per row, as repeated 64-column groups
+    (4, 16, False, None): Kernel.REF,  # the kernel's smallest group is 32
+    (3, 64, False, None): Kernel.REF,
+    (2, 32, True, None): Kernel.REF,
+    (8, 64, False, None): Kernel.REF,
+    (8, -1, True, 8): Kernel.W8A8_CPU,
+}
+
+
+def linear(in_features=768, out_features=192, bias=True, dtype=torch.float32, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, out_features, bias=bias).to(dtype)
+
+
+def inputs(shape, dtype, seed=1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s[3] is None])
+def test_kernel_matches_dequantize_then_linear(scheme, dtype, batch):
+    bits, group_size, sym, _ = scheme
+    layer = linear(dtype=dtype)
+    module = QuantLinear.from_linear(layer, QuantConfig(bits=bits, group_size=group_size, sym=sym))
+    assert module.kernel is (SCHEMES[scheme] if dtype == torch.bfloat16 else Kernel.REF)
+    x = inputs((batch, 768), dtype)
+    reference = F.linear(x, module.dequantize(), layer.bias)
+    torch.testing.assert_close(module(x), reference, **TOLERANCES[dtype])
+
+
+def test_int4_per_channel_on_576_columns_uses_64_column_kernel_groups():
+    layer = linear(in_features=576, dtype=torch.bfloat16)  # SmolLM2's hidden size: 9 x 64
+    module = QuantLinear.from_linear(layer, QuantConfig(bits=4, group_size=-1, sym=False))
+    assert module.kernel is INT4_CPU and module.scales_and_zeros.shape == (9, 192, 2)
+    x = inputs((3, 576), torch.bfloat16)
+    reference = F.linear(x, module.dequantize(), layer.bias)
+    torch.testing.assert_close(module(x), reference, **TOLERANCES[torch.bfloat16])
+
+
+def test_dequantized_weight_is_rtn_result():
+    layer = linear()
+    module = QuantLinear.from_linear(layer, QuantConfig(bits=4, group_size=64, sym=False))
+    q, scales, zeros = quantize_weight(layer.weight.detach(), 4, 64, sym=False)
+    torch.testing.assert_close(module.dequantize(), dequantize_weight(q, scales, zeros), rtol=0, atol=0)
+
+
+def test_keeps_leading_dimensions():
+    module = QuantLinear.from_linear(linear(), QuantConfig(bits=4, group_size=64))
+    x = inputs((2, 5, 768), torch.float32)
+    assert module(x).shape == (2, 5, 192)
+    torch.testing.assert_close(module(x)[1], module(x[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 5, 33])
+def test_w8a8_matches_per_token_int8_reference(dtype, batch):
+    layer = linear(dtype=dtype)
+    module = QuantLinear.from_linear(layer, QuantConfig(bits=8, group_size=-1, sym=True, act_bits=8))
+    assert module.kernel is Kernel.W8A8_CPU
+    x = inputs((batch, 768), dtype)
+    # written from the definition: symmetric per-token int8, exact integer sums, both scales
+    x64 = x.double()
+    x_scales = x64.abs().amax(dim=1, keepdim=True) / 127
+    x_q = torch.round(x64 / x_scales).clamp(-127, 127)
+    q, scales, zeros, _ = module.quantized()
+    w_q = q.double() - zeros.double()
+    expected = (x_q @ w_q.t()) * x_scales * scales.double().t() + layer.bias.double()
+    torch.testing.assert_close(module(x).double(), expected, **TOLERANCES[dtype])
+    # and it is still the layer: within int8 noise of the float output
+    torch.testing.assert_close(module(x).float(), layer(x).float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "bits, group_size, expected_bytes",
+    [
+        (4, 128, 576 * 1536 // 2 + 12 * 576 * 2 * 2),  # kernel layout + bf16 (scale, float zero) pairs
+        (8, -1, 576 * 1536 + 576 * 2),  # int8 weight + one bf16 scale per row
+        (3, 64, 576 * 1536 * 3 // 8 + 576 * 24 * (2 + 1)),  # packed bits + bf16 scales + uint8 zeros
+    ],
+)
+def test_buffer_bytes_shrink(bits, group_size, expected_bytes):
+    layer = nn.Linear(1536, 576, bias=False, dtype=torch.bfloat16)  # SmolLM2's down_proj
+    module = QuantLinear.from_linear(layer, QuantConfig(bits=bits, group_size=group_size, sym=True))
+    num_bytes = sum(b.numel() * b.element_size() for b in module.buffers())
+    if module.kernel is not Kernel.REF or bits != 4:
+        assert num_bytes == expected_bytes
+    assert num_bytes / (576 * 1536 * 2) < bits / 16 + 0.03  # bits / 8 bytes per weight, plus scales
+
+
+def test_state_dict_is_portable_and_round_trips():
+    layer = linear(dtype=torch.bfloat16)
+    config = QuantConfig(bits=4, group_size=64, sym=False)
+    module = QuantLinear.from_linear(layer, config)
+    state = module.state_dict()
+    assert set(state) == {"qweight", "scales", "zeros", "bias"}
+    q, scales, zeros = quantize_weight(layer.weight.detach(), 4, 64, sym=False)
+    assert torch.equal(state["qweight"], pack_bits(q, 4, dim=1, dtype=torch.uint8))
+    assert torch.equal(state["zeros"], zeros)
+    assert torch.equal(state["scales"], scales.to(torch.bfloat16))
+
+    loaded = QuantLinear(768, 192, 4, 64, False, bias=True, dtype=torch.bfloat16, device="meta")
+    loaded.load_state_dict(state, assign=True)
+    assert loaded.kernel is module.kernel
+    x = inputs((3, 768), torch.bfloat16)
+    assert torch.equal(loaded(x), module(x))
+
+
+def test_load_state_dict_reports_missing_and_unexpected():
+    module = QuantLinear(64, 32, 4, 32, True, dtype=torch.float32, device="meta")
+    with pytest.raises(RuntimeError, match=r"(?s)Missing key\(s\).*zeros.*Unexpected key\(s\).*weight"):
+        module.load_state_dict({"qweight": torch.zeros(32, 32, dtype=torch.uint8),
+                                "scales": torch.ones(32, 2), "weight": torch.zeros(1)})
+
+
+def test_act_order_g_idx_regroups_columns_consistently():
+    layer = linear(in_features=256, out_features=64, dtype=torch.bfloat16)
+    q, scales, zeros = quantize_weight(layer.weight.detach(), 4, 32, sym=False)
+    scales = scales.to(torch.bfloat16)
+    g_idx = torch.randperm(256, generator=torch.Generator().manual_seed(0)) // 32  # as act-order gives
+    config = QuantConfig(bits=4, group_size=32, sym=False)
+    module = QuantLinear.from_linear(layer, config, q, scales, zeros, g_idx)
+    assert module.perm is not None and module.kernel is INT4_CPU
+    expected_weight = dequantize_weight(q, scales, zeros, g_idx).to(torch.bfloat16)
+    torch.testing.assert_close(module.dequantize(), expected_weight, rtol=0, atol=0)
+    x = inputs((4, 256), torch.bfloat16)
+    reference = F.linear(x, expected_weight, layer.bias)
+    torch.testing.assert_close(module(x), reference, **TOLERANCES[torch.bfloat16])
+    assert torch.equal(module.state_dict()["g_idx"], g_idx.to(torch.int32))
+
+
+def test_g_idx_with_unequal_groups_rejected():
+    layer = linear(in_features=64, out_features=16)
+    q, scales, zeros = quantize_weight(layer.weight.detach(), 4, 32, sym=True)
+    g_idx = torch.zeros(64, dtype=torch.int32)
+    g_idx[0] = 1
+    with pytest.raises(ValueError, match=r"g_idx must give each group 32 columns, got \[63, 1\]"):
+        QuantLinear.from_linear(layer, QuantConfig(bits=4, group_size=32), q, scales, zeros, g_idx)
+
+
+def test_bad_inputs_rejected():
+    with pytest.raises(ValueError, match="group_size 100 does not divide in_features 768"):
+        QuantLinear.from_linear(linear(), QuantConfig(bits=4, group_size=100))
+    with pytest.raises(ValueError, match="bits must be between 2 and 8, got 9"):
+        QuantLinear(64, 16, 9, 32, True)
+    module = QuantLinear.from_linear(linear(), QuantConfig(bits=4, group_size=64))
+    with pytest.raises(ValueError, match="input dtype torch.bfloat16 does not match .* torch.float32"):
+        module(torch.zeros(1, 768, dtype=torch.bfloat16))
+    q = torch.full((192, 768), 16)
+    with pytest.raises(ValueError, match=r"q must lie in \[0, 16\), got \[16, 16\]"):
+        config = QuantConfig(bits=4, group_size=64)
+        QuantLinear.from_linear(linear(), config, q, torch.ones(192, 12), torch.zeros(192, 12))
+
+
+class TinyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(100, 64)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"up": nn.Linear(64, 128), "down": nn.Linear(128, 64)}) for _ in range(2)
+        )
+        self.lm_head = nn.Linear(64, 100, bias=False)
+
+
+def test_quantize_model_swaps_linears_per_module_config():
+    model = TinyModel().to(torch.bfloat16)
+    overrides = {"lm_head": {"bits": 8, "group_size": -1}, "blocks.1.down": {"skip": True}}
+    config = QuantConfig(bits=4, group_size=32, modules=overrides)
+    quantize_model(model, config)
+    assert isinstance(model.embed_tokens, nn.Embedding)
+    assert type(model.blocks[1]["down"]) is nn.Linear
+    for module in (model.blocks[0]["up"], model.blocks[0]["down"], model.blocks[1]["up"]):
+        assert isinstance(module, QuantLinear) and (module.bits, module.group_size) == (4, 32)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.kernel is Kernel.INT8_CPU
+    assert (model.lm_head.bits, model.lm_head.group_size) == (8, -1)
