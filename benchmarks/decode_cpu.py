@@ -18,10 +18,10 @@ import transformers
 
 from slimserve.assets import fetch
 from slimserve.engine.sampling_params import SamplingParams
-from slimserve.eval.evaluate import DTYPES, module_bytes
+from slimserve.eval.evaluate import module_bytes
 from slimserve.eval.machine import machine_info
 from slimserve.generate import GenerationProfile, Generator
-from slimserve.models.loader import load_model, load_tokenizer
+from slimserve.models.loader import DTYPES, load_model, load_tokenizer
 
 PROMPTS = [
     "The history of the United States Congress began",

@@ -34,16 +34,13 @@ def generate(
 ):
     """Generate text for one prompt, streaming tokens to the terminal."""
     from slimserve.engine.sampling_params import SamplingParams
-    from slimserve.eval.evaluate import DTYPES
     from slimserve.generate import Generator
-    from slimserve.models.loader import load_model, load_tokenizer
+    from slimserve.models.loader import load_model, load_tokenizer, torch_dtype
 
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         tokenizer = load_tokenizer(model)
-        generator = Generator(load_model(model, DTYPES[dtype]), tokenizer)
+        generator = Generator(load_model(model, torch_dtype(dtype)), tokenizer)
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         if not chat:
             sys.stdout.write(prompt)

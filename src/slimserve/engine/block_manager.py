@@ -161,6 +161,8 @@ class BlockManager:
 
     def _cache_hits(self, seq: Sequence) -> list[Block]:
         """Cached blocks holding seq's leading full blocks, verified by parent entry and tokens."""
+        if seq.sampling_params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position's logits, so nothing may be skipped (as vLLM)
         # At least one token is left to compute: the model must produce logits for the next token.
         max_hits = (len(seq) - 1) // self.block_size
         hashes = self._block_hashes(seq, max_hits)

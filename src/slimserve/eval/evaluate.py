@@ -10,9 +10,8 @@ import torch
 from slimserve.assets import resolve_model
 from slimserve.eval.datasets import load_text
 from slimserve.eval.perplexity import perplexity, window_size
-from slimserve.models.loader import load_model, load_tokenizer
+from slimserve.models.loader import load_model, load_tokenizer, torch_dtype
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -56,11 +55,9 @@ def peak_rss_bytes() -> int:
 
 
 def evaluate(model_spec: str, dtype: str, dataset: str, max_windows: int | None = None) -> EvalRow:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     reset_peak_rss()
     path = resolve_model(model_spec)
-    model = load_model(path, DTYPES[dtype])
+    model = load_model(path, torch_dtype(dtype))
     token_ids = load_tokenizer(path).encode(load_text(dataset))
     result = perplexity(model, token_ids, window_size(model.max_model_len), max_windows)
     return EvalRow(model_spec, dtype, dataset, result.num_tokens, result.num_windows, result.window, result.ppl,

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from slimserve.assets import resolve_model
+from slimserve.config import ENGINE_DTYPES
 from slimserve.errors import CheckpointError
 from slimserve.models.gguf import iter_gguf_tensors, read_gguf
 from slimserve.models.gpt2 import GPT2Args, GPT2LMHeadModel
@@ -28,8 +29,15 @@ ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "Qwen2ForCausalLM": (LlamaArgs, LlamaForCausalLM),
     "GPT2LMHeadModel": (GPT2Args, GPT2LMHeadModel),
 }
+DTYPES = dict(zip(ENGINE_DTYPES, (torch.float32, torch.bfloat16, torch.float16)))
 # Buffers some checkpoints carry that we recompute (rope frequencies, GPT-2's causal masks).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def load_config(path: Path) -> dict:

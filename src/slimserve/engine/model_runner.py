@@ -1,0 +1,144 @@
+"""Tensors in, token ids out: the model, its paged KV cache, and one forward pass per step.
+
+Every scheduled token of every sequence (prefill chunks and decodes alike) goes into one flat
+batch; only the rows that end a sequence's scheduled work get logits and a sampled token.
+"""
+import logging
+from collections.abc import Collection
+
+import torch
+
+from slimserve.config import CPU_KV_CACHE_MEMORY, EngineConfig
+from slimserve.engine.sampler import SamplerOutput, prompt_logprobs, sample
+from slimserve.engine.scheduler import SchedulerOutput
+from slimserve.engine.sequence import Sequence
+from slimserve.models.attention import AttentionMetadata
+from slimserve.models.loader import load_model, torch_dtype
+
+logger = logging.getLogger(__name__)
+
+MiB = 2**20
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, eos_token_ids: Collection[int]):
+        self.device = torch.device(config.device)
+        self.dtype = torch_dtype(config.dtype)
+        self.model = load_model(config.model, self.dtype, self.device)
+        self.vocab_size: int = self.model.args.vocab_size
+        self.block_size = config.block_size
+        self.max_model_len = config.max_model_len or self.model.max_model_len
+        if self.max_model_len > self.model.max_model_len:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context length "
+                             f"{self.model.max_model_len}")
+        self.eos_token_ids = frozenset(eos_token_ids)
+
+        block_bytes = torch.Size(self.model.kv_cache_shape(1, self.block_size)).numel() * self.dtype.itemsize
+        memory = self._kv_cache_memory(config)
+        self.num_blocks = memory // block_bytes
+        blocks_per_seq = -(-self.max_model_len // self.block_size)
+        if self.num_blocks < blocks_per_seq:
+            needed = blocks_per_seq * block_bytes
+            raise ValueError(f"the KV cache of {memory} bytes holds {self.num_blocks} blocks of {self.block_size} "
+                             f"tokens, but one sequence of max_model_len={self.max_model_len} tokens needs "
+                             f"{blocks_per_seq} blocks = {needed} bytes ({needed / MiB:.1f} MiB): raise "
+                             "kv_cache_memory (or gpu_memory_utilization) or lower max_model_len")
+        # Zeroed, not empty: batched decode attention reads (and masks) slots never written, and a
+        # masked NaN would still poison the softmax.
+        self.kv_cache = torch.zeros(self.model.kv_cache_shape(self.num_blocks, self.block_size),
+                                    dtype=self.dtype, device=self.device)
+        logger.info("KV cache: %d blocks of %d tokens = %.1f MiB, max concurrent sequences of length %d: %d",
+                    self.num_blocks, self.block_size, self.num_blocks * block_bytes / MiB, self.max_model_len,
+                    self.num_blocks // blocks_per_seq)
+        # Per sequence, kept across steps (and preemptions): a seeded sequence draws the same noise
+        # whatever else is in the batch. Unseeded ones are seeded from the engine's own generator.
+        self.engine_generator = torch.Generator().manual_seed(config.seed)
+        self.generators: dict[int, torch.Generator] = {}
+
+    def _kv_cache_memory(self, config: EngineConfig) -> int:
+        if config.kv_cache_memory is not None:
+            return config.kv_cache_memory
+        if self.device.type == "cpu":
+            return CPU_KV_CACHE_MEMORY
+        free, total = torch.cuda.mem_get_info(self.device)  # the model is loaded already
+        return max(0, int(free - total * (1.0 - config.gpu_memory_utilization)))
+
+    def free(self, seqs: list[Sequence]) -> None:
+        """Forget finished or aborted sequences' generators."""
+        for seq in seqs:
+            self.generators.pop(seq.seq_id, None)
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        if seq.seq_id not in self.generators:
+            seed = seq.sampling_params.seed
+            if seed is None:
+                seed = int(torch.randint(2**62, (1,), generator=self.engine_generator))
+            self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seed)
+        return self.generators[seq.seq_id]
+
+    @torch.inference_mode()
+    def execute(self, scheduled: SchedulerOutput) -> SamplerOutput:
+        """Run the batch, sample for sequences whose scheduled tokens reach their end, fill prompt logprobs.
+
+        Returns one entry per scheduled sequence; -1 (and logprobs None) where a prefill is still
+        incomplete, which the scheduler ignores.
+        """
+        if not scheduled.seqs:
+            return SamplerOutput(token_ids=[], logprobs=[])
+        B = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        cu_seqlens_q, context_lens = [0], []
+        for seq, num_tokens in zip(scheduled.seqs, scheduled.num_scheduled_tokens):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_tokens
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slot_mapping += [seq.block_table[p // B] * B + p % B for p in range(start, end)]
+            cu_seqlens_q.append(cu_seqlens_q[-1] + num_tokens)
+            context_lens.append(end)
+        max_blocks = max(len(seq.block_table) for seq in scheduled.seqs)
+        block_tables = [seq.block_table + [-1] * (max_blocks - len(seq.block_table)) for seq in scheduled.seqs]
+        # The scheduler lists decodes first; any leading run of one-token sequences takes the batched path.
+        num_decode_seqs = next((i for i, n in enumerate(scheduled.num_scheduled_tokens) if n != 1), len(scheduled.seqs))
+        meta = AttentionMetadata(cu_seqlens_q, context_lens, self._tensor(slot_mapping), self._tensor(block_tables),
+                                 self.kv_cache, num_decode_seqs)
+        hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta)  # (T, hidden)
+
+        for i, seq in enumerate(scheduled.seqs):
+            if seq.sampling_params.prompt_logprobs is not None:
+                self._fill_prompt_logprobs(seq, hidden[cu_seqlens_q[i]:cu_seqlens_q[i + 1]])
+        rows = [i for i, seq in enumerate(scheduled.seqs) if context_lens[i] == len(seq)]
+        sampled = SamplerOutput(token_ids=[-1] * len(scheduled.seqs), logprobs=[None] * len(scheduled.seqs))
+        if not rows:
+            return sampled
+        seqs = [scheduled.seqs[i] for i in rows]
+        logits = self.model.compute_logits(hidden[self._tensor([cu_seqlens_q[i + 1] - 1 for i in rows])])
+        out = sample(logits, [seq.sampling_params for seq in seqs], [seq.output_token_ids for seq in seqs],
+                     [seq.prompt_token_ids for seq in seqs], [self._generator(seq) for seq in seqs],
+                     self.eos_token_ids)
+        for i, token_id, logprobs in zip(rows, out.token_ids, out.logprobs):
+            sampled.token_ids[i], sampled.logprobs[i] = token_id, logprobs
+        return sampled
+
+    def _fill_prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """Append the entries this chunk completes: position p predicts prompt token p + 1.
+
+        hidden (num_tokens, hidden) holds seq's rows from position num_computed_tokens on. Entries
+        already known (a recompute after preemption) are not computed again.
+        """
+        start = seq.num_computed_tokens
+        if not seq.prompt_logprobs:
+            assert start == 0, "prefix-cache hits skip the positions prompt logprobs need"
+            seq.prompt_logprobs.append(None)  # nothing predicts the first token
+        first = len(seq.prompt_logprobs) - 1  # the first position whose entry is missing
+        last = min(start + hidden.shape[0], seq.num_prompt_tokens - 1)  # exclusive
+        if first >= last:
+            return
+        assert first >= start, (seq, first)
+        logits = self.model.compute_logits(hidden[first - start:last - start])
+        seq.prompt_logprobs += prompt_logprobs(logits, seq.token_ids[first + 1:last + 1],
+                                               seq.sampling_params.prompt_logprobs)
+
+    def _tensor(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
