@@ -79,6 +79,65 @@ def eval_(
     typer.echo(f"\nwritten to {out / 'report.md'}")
 
 
+bench_app = typer.Typer(help="Benchmarks of the engine and the server.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _ints(csv: str) -> list[int]:
+    return [int(x) for x in csv.split(",")]
+
+
+def _engine(model: str, dtype: str, device: str):
+    from slimserve.config import EngineConfig
+    from slimserve.engine.llm_engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model, dtype=dtype, device=device))
+
+
+@bench_app.command()
+def latency(
+    model: ModelArg = DEFAULT_MODEL,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
+    seq_lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths in tokens.")] = "128,512,2048",
+    output_len: int = 32,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    out: Annotated[Path, typer.Option(help="Folder for latency.md and latency.png.")] = Path("report"),
+):
+    """Batches of equal prompts submitted together: TTFT and decode tok/s per batch size and length."""
+    from slimserve.eval.bench import bench_latency, latency_table, plot_latency
+
+    try:
+        rows = bench_latency(_engine(model, dtype, device), _ints(batch_sizes), _ints(seq_lengths), output_len)
+    except (ValueError, FileNotFoundError) as e:
+        _die(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    table = latency_table(rows)
+    (out / "latency.md").write_text(table + "\n")
+    plot_latency(rows, out / "latency.png")
+    typer.echo(table)
+
+
+@bench_app.command()
+def throughput(
+    model: ModelArg = DEFAULT_MODEL,
+    num_prompts: int = 64,
+    input_len: int = 128,
+    output_len: int = 64,
+    dtype: str = "fp32",
+    device: str = "cpu",
+):
+    """num_prompts requests submitted at once: output tokens and requests per second."""
+    from slimserve.eval.bench import bench_throughput
+
+    try:
+        result = bench_throughput(_engine(model, dtype, device), num_prompts, input_len, output_len)
+    except (ValueError, FileNotFoundError) as e:
+        _die(str(e))
+    typer.echo(f"{result.num_prompts} requests ({input_len} in, {output_len} out) in {result.seconds:.2f} s: "
+               f"{result.output_tokens_per_s:.1f} output tok/s, {result.requests_per_s:.2f} req/s")
+
+
 @app.command()
 def run(
     model: ModelArg = DEFAULT_MODEL,
