@@ -1,5 +1,6 @@
 """The `slimserve` command: parses arguments and calls the library, nothing more."""
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -7,6 +8,7 @@ from typing import Annotated
 import typer
 
 from slimserve.assets import DEFAULT_MODEL
+from slimserve.config import ServeConfig
 
 app = typer.Typer(help="Quantize, evaluate, accelerate and serve language models.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -138,11 +140,72 @@ def throughput(
                f"{result.output_tokens_per_s:.1f} output tok/s, {result.requests_per_s:.2f} req/s")
 
 
+@bench_app.command(name="serve")
+def bench_serve(
+    base_url: Annotated[str, typer.Option(help="A running slimserve (or any OpenAI-compatible) server.")]
+    = "http://127.0.0.1:8000",
+    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,8,32,100",
+    num_prompts: Annotated[int, typer.Option(help="Requests per concurrency level.")] = 100,
+    input_len: Annotated[int, typer.Option(help="Words of corpus text per prompt.")] = 128,
+    output_len: int = 64,
+    api_key: Annotated[str | None, typer.Option(envvar="SLIMSERVE_API_KEY")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for serve.md and serve.png.")] = Path("report"),
+):
+    """Load a server: TTFT, TPOT, ITL, E2E percentiles and throughput per concurrency (vLLM's definitions)."""
+    from slimserve.eval.serve_bench import ServeBenchConfig, markdown_table, plot, run_serve_bench
+
+    try:
+        config = ServeBenchConfig(base_url=base_url, api_key=api_key, concurrencies=_ints(concurrency),
+                                  num_prompts=num_prompts, input_len=input_len, output_len=output_len)
+        results = run_serve_bench(config)
+    except ValueError as e:
+        _die(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results)
+    (out / "serve.md").write_text(table + "\n")
+    plot(results, out / "serve.png")
+    typer.echo(table)
+
+
+_SERVE = ServeConfig()
+
+
+@app.command()
+def serve(
+    model: ModelArg = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Loopback by default: exposing the server is a deliberate choice.")]
+    = _SERVE.host,
+    port: int = _SERVE.port,
+    api_key: Annotated[list[str] | None, typer.Option(envvar="SLIMSERVE_API_KEY",
+                                                      help="Repeat for several keys (env: space-separated).")] = None,
+    metrics_public: Annotated[bool, typer.Option(help="/metrics without a key.")] = _SERVE.metrics_public,
+    max_waiting: int = _SERVE.max_waiting,
+    drain_timeout: float = _SERVE.drain_timeout,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    max_model_len: int | None = None,
+):
+    """Serve MODEL behind the OpenAI-compatible API, with /metrics and the playground at /."""
+    from slimserve.serve.server import serve as run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = ServeConfig(host=host, port=port, api_keys=api_key or [], metrics_public=metrics_public,
+                             max_waiting=max_waiting, drain_timeout=drain_timeout)
+        run_server(model, config, dtype=dtype, device=device, max_model_len=max_model_len)
+    except (ValueError, FileNotFoundError) as e:
+        _die(str(e))
+
+
 @app.command()
 def run(
     model: ModelArg = DEFAULT_MODEL,
-    max_windows: Annotated[int, typer.Option(help="Perplexity windows to evaluate per dtype.")] = 8,
+    max_windows: Annotated[int, typer.Option(help="Perplexity windows to evaluate per dtype.")] = 4,
+    port: int = _SERVE.port,
 ):
-    """The main job: fetch the default model, evaluate it at fp32 and bf16, generate a sample."""
+    """The main job: fetch the default model, report it at fp32 and bf16, generate a sample, serve it."""
     eval_([model], "sotu", "fp32,bf16", max_windows, Path("report"))
     generate(model, prompt="What is the capital of France?", chat=True, profile=True, dtype="bf16")
+    typer.echo(f"\nserving {model} (bf16) with the playground at http://127.0.0.1:{port}/ (Ctrl-C drains and stops)")
+    serve(model, port=port, dtype="bf16", host=_SERVE.host, api_key=None, metrics_public=_SERVE.metrics_public,
+          max_waiting=_SERVE.max_waiting, drain_timeout=_SERVE.drain_timeout, device="cpu", max_model_len=None)

@@ -126,6 +126,15 @@ class EngineConfig:
             if not ok:
                 raise ValueError(f"{name} {expected}, got {getattr(self, name)!r}")
 
+    @classmethod
+    def from_options(cls, model: str, **options) -> "EngineConfig":
+        """The config of `LLM(model, **options)` and `serve(model, ..., **options)`: unknown options are named."""
+        known = {f.name for f in fields(cls)} - {"model"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown engine options {unknown}; known: {sorted(known)}")
+        return cls(model=str(model), **options)
+
 
 @dataclass
 class ServeConfig:

@@ -1,6 +1,4 @@
 """Offline batch generation: `LLM("smollm2-135m").generate(prompts, params)`."""
-from dataclasses import fields
-
 from tqdm import tqdm
 
 from slimserve.assets import DEFAULT_MODEL
@@ -12,11 +10,7 @@ from slimserve.engine.sampling_params import SamplingParams
 class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, **engine_options):
         """engine_options: any EngineConfig field (dtype, device, kv_cache_memory, max_model_len, ...)."""
-        known = {f.name for f in fields(EngineConfig)} - {"model"}
-        unknown = sorted(set(engine_options) - known)
-        if unknown:
-            raise ValueError(f"unknown engine options {unknown}; known: {sorted(known)}")
-        self.engine = LLMEngine(EngineConfig(model=str(model), **engine_options))
+        self.engine = LLMEngine(EngineConfig.from_options(model, **engine_options))
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: str | list[str] | list[list[int]],
