@@ -401,3 +401,12 @@ def test_smollm2_eos_ignore_eos_and_min_tokens(smol):
     at_least = outputs["min_tokens"].outputs[0]
     assert len(at_least.token_ids) >= 5 and eos not in at_least.token_ids[:5]
     assert at_least.token_ids[:len(plain.token_ids) - 1] == plain.token_ids[:-1]
+
+
+def test_out_of_range_stop_token_ids_are_refused(tiny):
+    """An id past the vocabulary used to reach the sampler and fail the step for every request in it."""
+    folder, _ = tiny
+    engine = tiny_engine(folder)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        engine.add_request("r", [1, 2, 3], SamplingParams(stop_token_ids=[NUM_CHARS + 5]))
+    assert not engine.has_unfinished()

@@ -125,9 +125,11 @@ class LLMEngine:
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not prompt_ids:
             raise ValueError(f"prompt must not be empty, got {prompt!r}")
-        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.model_runner.vocab_size)]
-        if bad:
-            raise ValueError(f"prompt token ids must be ints in [0, {self.model_runner.vocab_size}), got {bad[:5]}")
+        vocab_size = self.model_runner.vocab_size
+        for field_name, token_ids in (("prompt", prompt_ids), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+            if bad:  # out of range ids would fail the whole step, and every request in it
+                raise ValueError(f"{field_name} token ids must be ints in [0, {vocab_size}), got {bad[:5]}")
         seqs = []
         for i in range(params.n):
             # vLLM's convention: completion i of a seeded request samples with seed + i. Prompt
@@ -153,6 +155,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One forward pass over the scheduled batch; outputs of the requests that advanced."""
         scheduled = self.scheduler.schedule()
+        now = time.monotonic()
+        for seq in scheduled.seqs:  # queue time ends here, before this step's prefill runs
+            request = self.requests[seq.request_id]
+            request.first_scheduled_time = request.first_scheduled_time or now
         sampled = self.model_runner.execute(scheduled)
         num_outputs_before = [seq.num_output_tokens for seq in scheduled.seqs]
         self.scheduler.update_from_output(scheduled, sampled.token_ids, sampled.logprobs)
@@ -161,11 +167,9 @@ class LLMEngine:
 
     def _process(self, scheduled: SchedulerOutput, num_outputs_before: list[int]) -> list[RequestOutput]:
         """Detokenize new tokens, apply stop strings, admit siblings, and report requests that advanced."""
-        now = time.monotonic()
         advanced: dict[str, Request] = {}
         for seq, num_before in zip(scheduled.seqs, num_outputs_before):
             request = self.requests[seq.request_id]
-            request.first_scheduled_time = request.first_scheduled_time or now
             if seq.num_output_tokens == num_before:
                 continue  # a prefill chunk that did not reach the prompt's end
             self.num_generation_tokens += 1
