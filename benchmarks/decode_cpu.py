@@ -5,7 +5,7 @@ thread count, several repetitions. transformers' decode rate follows PEERS.md:
 new tokens / (time(generate N+1) - time(generate 1)), so prefill is excluded from both.
 Writes benchmarks/results/decode_cpu.md.
 
-    python benchmarks/decode_cpu.py [--new-tokens 64] [--repeats 3]
+    python benchmarks/decode_cpu.py [--new-tokens 64] [--repeats 3] [--threads 2]
 """
 
 import argparse
@@ -53,8 +53,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, the same for both engines")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_cpu.md")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     machine = machine_info()
     gguf = fetch("smollm2-135m")

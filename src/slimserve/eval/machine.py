@@ -1,5 +1,6 @@
 """What machine a measurement ran on: every results file starts with this."""
 
+import os
 import platform
 import subprocess
 import time
@@ -17,11 +18,13 @@ class MachineInfo:
     torch_version: str
     gpu: str | None
     commit: str
+    load_average: float  # 1-minute load average when measured: these 2-core machines are shared
 
     def markdown(self) -> str:
         gpu = f", GPU {self.gpu}" if self.gpu else ""
         return (f"Machine: {self.cpu} ({self.caches}), {self.threads} torch threads, "
-                f"read bandwidth {self.read_gb_s:.1f} GB/s{gpu}; torch {self.torch_version}; commit {self.commit}.")
+                f"read bandwidth {self.read_gb_s:.1f} GB/s{gpu}; torch {self.torch_version}; commit {self.commit}; "
+                f"load average {self.load_average:.1f} at the start.")
 
 
 def read_bandwidth_gb_s(num_bytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -54,4 +57,4 @@ def machine_info() -> MachineInfo:
     caches = ", ".join(f"{k.split()[0]} {cpu[k]}" for k in ("L2 cache", "L3 cache") if k in cpu)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return MachineInfo(cpu.get("Model name", platform.processor() or "unknown CPU"), caches, read_bandwidth_gb_s(),
-                       torch.get_num_threads(), torch.__version__, gpu, _commit())
+                       torch.get_num_threads(), torch.__version__, gpu, _commit(), os.getloadavg()[0])
