@@ -6,7 +6,15 @@ from torch import nn
 from slimserve.config import QuantConfig
 from slimserve.models.attention import AttentionMetadata
 from slimserve.models.llama import LlamaArgs, LlamaForCausalLM
-from slimserve.quant.gptq import GPTQ, gptq_quantize
+from slimserve.quant.gptq import (
+    GATE_UP,
+    GPTQ,
+    QKV,
+    embed_calibration,
+    gptq_quantize,
+    gptq_quantize_weight,
+    layer_stages,
+)
 from slimserve.quant.qlinear import QuantLinear
 from slimserve.quant.rtn import dequantize_weight, quantize_weight
 
@@ -189,5 +197,33 @@ def test_gptq_quantize_replaces_every_kept_linear_of_a_llama():
 
 
 def test_gptq_quantize_needs_calibration_text():
-    with pytest.raises(ValueError, match="GPTQ needs non-empty calibration sequences, got 0"):
+    with pytest.raises(ValueError, match="GPTQ needs non-empty 1-D calibration sequences, got 0 sequences"):
         gptq_quantize(tiny_llama(), [], QuantConfig(method="gptq"))
+
+
+def test_stacked_linears_quantize_as_each_alone():
+    """gptq_quantize stacks q/k/v (and gate/up) sharing one Hessian: rows are independent in GPTQ."""
+    torch.manual_seed(0)
+    x = correlated_inputs(1024, 128, seed=7)
+    weights = [torch.randn(out, 128) * 0.05 for out in (128, 32, 32)]
+    hessian = 2 / len(x) * x.t() @ x
+    stacked = gptq_quantize_weight(torch.cat(weights), hessian, 4, 32, sym=False, act_order=True)
+    alone = [gptq_quantize_weight(w, hessian, 4, 32, sym=False, act_order=True) for w in weights]
+    q_alone = torch.cat([q for q, *_ in alone])
+    assert (stacked[0] != q_alone).float().mean() < 1e-3  # only float summation order may differ
+    torch.testing.assert_close(stacked[1], torch.cat([s for _, s, _, _ in alone]))
+    assert all(torch.equal(stacked[3], g_idx) for *_, g_idx in alone)
+
+
+def test_layer_stages_reproduce_the_decoder_layer():
+    model = tiny_llama()
+    calib = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (20, 7, 30, 5)]
+    chunks = embed_calibration(model, calib, "GPTQ", chunk_tokens=32)
+    assert [c.meta.context_lens for c in chunks] == [[20, 7], [30], [5]]
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        expected = [layer(c.hidden, c.rope, c.meta) for c in chunks]
+        stages = [names for names, _ in layer_stages(layer, chunks)]
+    assert stages == [QKV, ["self_attn.o_proj"], GATE_UP, ["mlp.down_proj"]]
+    for chunk, out in zip(chunks, expected):
+        torch.testing.assert_close(chunk.hidden, out)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from slimserve.assets import DEFAULT_MODEL
-from slimserve.config import ServeConfig
+from slimserve.config import QuantConfig, ServeConfig
 
 app = typer.Typer(help="Quantize, evaluate, accelerate and serve language models.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -79,6 +79,55 @@ def eval_(
     (out / "report.md").write_text(table + "\n")
     typer.echo(table)
     typer.echo(f"\nwritten to {out / 'report.md'}")
+
+
+_QUANT = QuantConfig()
+
+
+@app.command()
+def quantize(
+    model: ModelArg = DEFAULT_MODEL,
+    method: Annotated[str, typer.Option(help="rtn, gptq, awq or smoothquant.")] = _QUANT.method,
+    bits: int = _QUANT.bits,
+    group_size: Annotated[int, typer.Option(help="-1 per channel, 0 per tensor, else columns per group.")]
+    = _QUANT.group_size,
+    sym: Annotated[bool, typer.Option("--sym/--asym")] = _QUANT.sym,
+    act_order: bool = _QUANT.act_order,
+    calib: Annotated[str, typer.Option(help="Calibration text: sotu-calib, moby-dick or a file.")] = "sotu-calib",
+    num_calib_samples: int = _QUANT.num_calib_samples,
+    calib_seq_len: int = _QUANT.calib_seq_len,
+    format: Annotated[str, typer.Option(help="slimserve, gptq or awq.")] = "slimserve",
+    out: Annotated[Path, typer.Option(help="Folder to write.")] = Path("quantized"),
+):
+    """Quantize MODEL's linear layers and save a folder that `slimserve eval/serve/generate` load."""
+    from slimserve.quant.pipeline import quantize as run_quantize
+
+    try:
+        config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                             num_calib_samples=num_calib_samples, calib_seq_len=calib_seq_len)
+        result = run_quantize(model, config, out, calib_dataset=calib, format=format)
+    except (ValueError, FileNotFoundError) as e:
+        _die(str(e))
+    typer.echo(f"wrote {result.out_dir} ({result.disk_bytes / 2**20:.1f} MB) in {result.seconds:.1f} s, "
+               f"peak RSS {result.peak_rss_bytes / 2**20:.0f} MB")
+
+
+@app.command(name="quantize-test")
+def quantize_test(
+    model: ModelArg = DEFAULT_MODEL,
+    precision: Annotated[str, typer.Option(help="Comma-separated: fp32,fp16,bf16,int8,int4.")] = "fp32,fp16,int8,int4",
+    eval_dataset: str = "sotu",
+    max_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the variants, report.md and plots.")] = Path("quantize-test"),
+):
+    """The sweep: each precision saved, reloaded and measured (size, peak RAM, ppl, decode speed)."""
+    from slimserve.quant.pipeline import quantize_test as run_quantize_test
+
+    try:
+        run_quantize_test(model, precision.split(","), eval_dataset, out, max_windows)
+    except (ValueError, FileNotFoundError) as e:
+        _die(str(e))
+    typer.echo((out / "report.md").read_text())
 
 
 bench_app = typer.Typer(help="Benchmarks of the engine and the server.", no_args_is_help=True)

@@ -3,7 +3,8 @@
 The model is built on the meta device, then every tensor is streamed from the checkpoint,
 checked (known name, right shape, finite), cast to the target dtype and assigned, so peak memory
 stays near one copy of the model. Loading is strict: missing or unexpected names are an error
-that lists them and names the files.
+that lists them and names the files. A folder whose config.json has a `quantization_config`
+(ours, GPTQ v1, AWQ GEMM: quant/formats.py) gets QuantLinear modules before its tensors load.
 """
 
 import json
@@ -21,6 +22,8 @@ from slimserve.errors import CheckpointError
 from slimserve.models.gguf import iter_gguf_tensors, read_gguf
 from slimserve.models.gpt2 import GPT2Args, GPT2LMHeadModel
 from slimserve.models.llama import LlamaArgs, LlamaForCausalLM
+from slimserve.quant.formats import quantized_state_dict, tie_quantized_embeddings
+from slimserve.quant.qlinear import QuantLinear
 from slimserve.tokenizer import Tokenizer
 
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
@@ -125,12 +128,46 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype, device: str |
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 
+def load_quantized_weights(model: nn.Module, path: Path, quantization_config: dict, dtype: torch.dtype,
+                           device: str | torch.device = "cpu") -> None:
+    """Load a quantized folder into `model` (built on meta), strictly: its packed layers become QuantLinear
+    modules (integers, zeros and g_idx keep their dtype; scales and float tensors become `dtype`)."""
+    tensors = {name: tensor for name, tensor, _ in iter_checkpoint_tensors(path, dtype)
+               if not name.endswith(IGNORED_SUFFIXES)}
+    tied_name = None
+    if model.tie_word_embeddings:  # the tied matrix is stored once: as the embedding, or as a quantized lm_head
+        tensors.pop("lm_head.weight", None)
+        tied_name = "lm_head.weight"
+    state_dict = quantized_state_dict(model, tensors, quantization_config)
+    if model.tie_word_embeddings and isinstance(model.lm_head, QuantLinear):
+        tied_name = "model.embed_tokens.weight"
+    state_dict = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                  for name, t in state_dict.items()}
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    except (RuntimeError, ValueError) as e:  # size mismatches, and QuantLinear's checks of its tensors
+        raise CheckpointError(f"checkpoint {path} does not match the model: {e}") from e
+    missing = sorted(set(missing) - {tied_name})
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:20]} "
+                              f"({len(missing)} in all), unexpected {unexpected[:20]} ({len(unexpected)} in all)")
+    if tied_name == "lm_head.weight":
+        model.tie_weights()
+    elif tied_name is not None and tied_name not in state_dict:
+        tie_quantized_embeddings(model)
+    model.to(device)  # the rope buffers were built on the CPU, outside the meta device
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
 def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
     """A ready model in eval mode from a MODEL argument (short name, folder, .gguf, hub id)."""
     path = resolve_model(str(spec))
     config = load_config(path)
     model = build_model(config, device="meta")
-    load_weights(model, path, dtype, device)
+    if "quantization_config" in config:
+        load_quantized_weights(model, path, config["quantization_config"], dtype, device)
+    else:
+        load_weights(model, path, dtype, device)
     return model.eval()
 
 

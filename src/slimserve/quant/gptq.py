@@ -11,10 +11,15 @@ decreasing H_jj, with g_idx mapping each column to its group) and static groups 
 fixed up front, so act-order keeps contiguous groups).
 
 gptq_quantize drives a whole Llama-family model layer by layer, so only one decoder layer's
-input activations and its Hessians are alive at a time.
+activations and Hessians are alive at a time. layer_stages runs each linear of a layer once per
+calibration token; linears sharing an input share one Hessian and, when their configs agree,
+are quantized as one stacked weight (GPTQ treats rows independently, so this changes nothing
+but the number of column steps). The layer-wise machinery here is shared with AWQ.
 """
 
-import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -22,14 +27,9 @@ from tqdm import tqdm
 
 from slimserve.config import QuantConfig
 from slimserve.models.attention import AttentionMetadata
+from slimserve.models.llama import LlamaForCausalLM
 from slimserve.quant.qlinear import QuantLinear
-from slimserve.quant.rtn import (
-    check_bits,
-    check_finite,
-    check_group_size,
-    compute_scales,
-    quantize_to_grid,
-)
+from slimserve.quant.rtn import check_bits, check_finite, check_group_size, compute_scales
 
 
 class GPTQ:
@@ -47,10 +47,8 @@ class GPTQ:
         total = self.num_samples + x.shape[0]
         if total == 0:
             return
-        # H is kept as the running mean of 2 x xᵀ, so its scale does not grow with n.
-        self.hessian *= self.num_samples / total
-        x = x * math.sqrt(2 / total)
-        self.hessian.addmm_(x.t(), x)
+        # H stays the running mean of 2 x xᵀ (its scale does not grow with n), in one BLAS call.
+        self.hessian.addmm_(x.t(), x, beta=self.num_samples / total, alpha=2 / total)
         self.num_samples = total
 
     def quantize(
@@ -67,73 +65,92 @@ class GPTQ:
 
         Shapes as rtn.quantize_weight; dequantize with rtn.dequantize_weight(q, scales, zeros, g_idx).
         """
-        check_bits(bits)
-        out_features, in_features = self.layer.weight.shape
-        check_group_size(group_size, in_features)
-        if not 0 < damp_percent <= 1 or block_size < 1:
-            raise ValueError(
-                f"need 0 < damp_percent <= 1 and block_size >= 1, got {damp_percent}, {block_size}"
-            )
         if self.num_samples == 0:
             raise ValueError("GPTQ has no calibration samples: add_batch() was never given any tokens")
-        W = self.layer.weight.detach().float().clone()
-        check_finite(W, "weight")
-        H = self.hessian.clone()
-        check_finite(H, "Hessian (from the calibration activations)")
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
+        return gptq_quantize_weight(
+            self.layer.weight, self.hessian, bits, group_size, sym, act_order, static_groups, damp_percent, block_size
+        )
 
-        fixed: list[tuple[Tensor, Tensor]] = []  # per group, computed before any update
-        if group_size <= 0:
-            fixed.append(compute_scales(W if group_size == -1 else W.reshape(1, -1), bits, sym))
-        elif static_groups:
-            for start in range(0, in_features, group_size):
-                fixed.append(compute_scales(W[:, start : start + group_size], bits, sym))
-        perm = torch.arange(in_features, device=W.device)
-        if act_order:
-            perm = torch.argsort(torch.diag(H), descending=True)
-            W, H = W[:, perm], H[perm][:, perm]
-        Hinv = _inverse_hessian_factor(H, damp_percent)
 
-        Q = torch.zeros_like(W)
-        found: list[tuple[Tensor, Tensor]] = []  # per group in quantization order
-        scales, zeros = fixed[0] if group_size <= 0 else (None, None)
-        for i1 in range(0, in_features, block_size):
-            i2 = min(i1 + block_size, in_features)
-            W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                if group_size > 0 and static_groups:
-                    scales, zeros = fixed[int(perm[col]) // group_size]
-                elif group_size > 0 and col % group_size == 0:
-                    # The group's columns as updated so far: this block's from W1, later ones from W.
-                    end = col + group_size
-                    span = torch.cat([W1[:, i : i + group_size], W[:, i2:end]], dim=1)
-                    scales, zeros = compute_scales(span, bits, sym)
-                    found.append((scales, zeros))
-                w = W1[:, i : i + 1]
-                q = quantize_to_grid(w, scales, zeros, bits)
-                Q[:, col] = q[:, 0]
-                err = (w - scales * (q - zeros)) / Hinv1[i, i]
-                W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
-                Err1[:, i : i + 1] = err
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+def gptq_quantize_weight(
+    weight: Tensor,
+    hessian: Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GPTQ for weight (out, in) given the Hessian (in, in) of its inputs; returns as GPTQ.quantize."""
+    check_bits(bits)
+    out_features, in_features = weight.shape
+    check_group_size(group_size, in_features)
+    if not 0 < damp_percent <= 1 or block_size < 1:
+        raise ValueError(f"need 0 < damp_percent <= 1 and block_size >= 1, got {damp_percent}, {block_size}")
+    W = weight.detach().float().clone()
+    check_finite(W, "weight")
+    H = hessian.float().clone()
+    check_finite(H, "Hessian (from the calibration activations)")
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
 
-        groups = fixed if group_size <= 0 or static_groups else found
-        scales = torch.cat([s for s, _ in groups], dim=1)
-        zeros = torch.cat([z for _, z in groups], dim=1)
-        columns = torch.arange(in_features, device=W.device)
-        inverse = torch.argsort(perm)
-        if group_size <= 0:
-            g_idx = torch.zeros_like(columns)
-        elif static_groups:
-            g_idx = columns // group_size
-        else:
-            g_idx = (columns // group_size)[inverse]  # column perm[p] sits at position p
-        return Q[:, inverse].to(torch.uint8), scales, zeros.to(torch.uint8), g_idx.to(torch.int32)
+    fixed: list[tuple[Tensor, Tensor]] = []  # per group, computed before any update
+    if group_size <= 0:
+        fixed.append(compute_scales(W if group_size == -1 else W.reshape(1, -1), bits, sym))
+    elif static_groups:
+        for start in range(0, in_features, group_size):
+            fixed.append(compute_scales(W[:, start : start + group_size], bits, sym))
+    perm = torch.arange(in_features, device=W.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv = _inverse_hessian_factor(H, damp_percent)
+
+    # Transposed, so column j of W is the contiguous row WT[j] and each step is a few in-place
+    # vector ops: the column loop is bound by per-op overhead, not arithmetic.
+    WT = W.t().contiguous()
+    QT = torch.empty_like(WT)
+    maxq = 2**bits - 1
+    found: list[tuple[Tensor, Tensor]] = []  # per group in quantization order
+    group_of = (perm // group_size).tolist() if group_size > 0 else []
+    scales, zeros = fixed[0] if group_size <= 0 else (None, None)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = Hinv1.diagonal()
+        # err_i = delta_i / d_i spreads as err_i · Hinv1[i, i:], i.e. delta_i · (Hinv1[i] / d_i).
+        spread = Hinv1 / d[:, None]
+        delta = torch.empty(i2 - i1, out_features, device=W.device)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group_size > 0 and static_groups:
+                scales, zeros = fixed[group_of[col]]
+            elif group_size > 0 and col % group_size == 0:
+                # This block's columns are up to date in WT; later blocks lack its lazy update.
+                scales, zeros = compute_scales(WT[col : col + group_size].t(), bits, sym)
+                found.append((scales, zeros))
+            s, z = scales[:, 0], zeros[:, 0]
+            w, q, err = WT[col], QT[col], delta[i]
+            torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
+            torch.addcmul(w, torch.sub(q, z, out=err), s, value=-1, out=err)  # w - dequantized
+            WT[col + 1 : i2].addr_(spread[i, i + 1 :], err, alpha=-1)
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), delta.div_(d[:, None]), alpha=-1)
+
+    groups = fixed if group_size <= 0 or static_groups else found
+    scales = torch.cat([s for s, _ in groups], dim=1)
+    zeros = torch.cat([z for _, z in groups], dim=1)
+    columns = torch.arange(in_features, device=W.device)
+    inverse = torch.argsort(perm)
+    if group_size <= 0:
+        g_idx = torch.zeros_like(columns)
+    elif static_groups:
+        g_idx = columns // group_size
+    else:
+        g_idx = (columns // group_size)[inverse]  # column perm[p] sits at position p
+    return QT.t()[:, inverse].to(torch.uint8), scales, zeros.to(torch.uint8), g_idx.to(torch.int32)
 
 
 def _inverse_hessian_factor(H: Tensor, damp_percent: float) -> Tensor:
@@ -151,97 +168,161 @@ def _inverse_hessian_factor(H: Tensor, damp_percent: float) -> Tensor:
     return L
 
 
+CHUNK_TOKENS = 8192  # calibration tokens per forward call: large matmuls, bounded activations
+
+
+@dataclass
+class CalibrationChunk:
+    """Some calibration sequences as one flat batch: hidden (T, hidden_size) and attention's inputs."""
+
+    hidden: Tensor
+    rope: tuple[Tensor, Tensor]
+    meta: AttentionMetadata
+
+
+def check_llama(model: nn.Module, method: str) -> None:
+    if not isinstance(model, LlamaForCausalLM):
+        raise ValueError(f"{method} supports Llama-family models, got {type(model).__name__}")
+
+
+def embed_calibration(
+    model: LlamaForCausalLM, calib_batches: list[Tensor], method: str, chunk_tokens: int = CHUNK_TOKENS
+) -> list[CalibrationChunk]:
+    """The calibration sequences (1-D token ids each) embedded, packed into chunks of <= chunk_tokens."""
+    if not calib_batches or any(ids.dim() != 1 or ids.numel() == 0 for ids in calib_batches):
+        shapes = [tuple(ids.shape) for ids in calib_batches[:4]]
+        raise ValueError(
+            f"{method} needs non-empty 1-D calibration sequences, got {len(calib_batches)} sequences {shapes}"
+        )
+    inner = model.model
+    packs: list[list[Tensor]] = [[]]
+    for ids in calib_batches:
+        if packs[-1] and sum(len(p) for p in packs[-1]) + len(ids) > chunk_tokens:
+            packs.append([])
+        packs[-1].append(ids)
+    chunks = []
+    for pack in packs:
+        positions = torch.cat([torch.arange(len(ids), device=ids.device) for ids in pack])
+        hidden = inner.embed_tokens(torch.cat(pack))
+        meta = AttentionMetadata.without_cache([len(ids) for ids in pack])
+        chunks.append(CalibrationChunk(hidden, inner.rotary_emb(positions), meta))
+    return chunks
+
+
+QKV = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+GATE_UP = ["mlp.gate_proj", "mlp.up_proj"]
+
+
+def layer_stages(layer: nn.Module, chunks: list[CalibrationChunk]) -> Iterator[tuple[list[str], list[Tensor]]]:
+    """Run one decoder layer over the chunks, pausing before each group of linears sharing an input.
+
+    Yields (names, inputs): the group's linear names within the layer and their input for each
+    chunk, (T, in_features). Before resuming, the caller may change or replace those linears and
+    rescale the inputs in place (AWQ folds scales into the op before); the rest of the layer runs
+    with both. When exhausted, every chunk.hidden holds the layer's output. Each linear runs once
+    per token: x + attn(norm(x)), then x + mlp(norm(x)), split at o_proj and down_proj.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    yield QKV, [layer.input_layernorm(c.hidden) for c in chunks]
+    with _bypassed(attn, "o_proj"):
+        attn_out = [attn(layer.input_layernorm(c.hidden), c.rope, c.meta) for c in chunks]
+    yield ["self_attn.o_proj"], attn_out
+    for chunk, out in zip(chunks, attn_out):
+        chunk.hidden += attn.o_proj(out)
+    del attn_out
+    yield GATE_UP, [layer.post_attention_layernorm(c.hidden) for c in chunks]
+    with _bypassed(mlp, "down_proj"):
+        act = [mlp(layer.post_attention_layernorm(c.hidden)) for c in chunks]
+    yield ["mlp.down_proj"], act
+    for chunk, out in zip(chunks, act):
+        chunk.hidden += mlp.down_proj(out)
+
+
+@contextmanager
+def _bypassed(parent: nn.Module, name: str) -> Iterator[None]:
+    """parent.<name> replaced by the identity, so parent returns that child's input."""
+    child = getattr(parent, name)
+    setattr(parent, name, nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(parent, name, child)
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name), child, module)
+
+
 def gptq_quantize(
     model: nn.Module, calib_batches: list[Tensor], config: QuantConfig, progress: bool = False
 ) -> nn.Module:
     """Quantize a Llama-family model in place with GPTQ, one decoder layer at a time.
 
-    model: model.model.{embed_tokens, rotary_emb, layers, norm} and model.lm_head (models/llama.py).
-    calib_batches: 1-D int64 token-id tensors, one sequence each. Each layer sees the outputs of
-    the already quantized layers before it. Inside a layer, linears sharing one input (q/k/v,
-    gate/up) are quantized together, in the order the layer calls them (true-sequential), so
-    o_proj's Hessian comes from the quantized q/k/v. Modules for which config.for_module(name)
-    is None stay in full precision.
+    model: models/llama.py LlamaForCausalLM. calib_batches: 1-D int64 token-id tensors, one
+    sequence each. Each layer sees the outputs of the already quantized layers before it, and
+    inside a layer each group of linears sees the already quantized groups before it
+    (true-sequential: o_proj's Hessian comes from the quantized q/k/v). Modules for which
+    config.for_module(name) is None stay in full precision.
     """
-    if not calib_batches or any(ids.numel() == 0 for ids in calib_batches):
-        raise ValueError(f"GPTQ needs non-empty calibration sequences, got {len(calib_batches)} sequences")
+    check_llama(model, "GPTQ")
     inner = model.model
     with torch.no_grad():
-        hidden = [inner.embed_tokens(ids) for ids in calib_batches]
-        contexts = [_context(inner, len(ids), ids.device) for ids in calib_batches]
-        layers = tqdm(inner.layers, desc="GPTQ", unit="layer", disable=not progress)
-        num_probe = min(8, len(calib_batches[0]))  # a few tokens suffice to see the call order
-        probe_context = _context(inner, num_probe, calib_batches[0].device)
-        for index, layer in enumerate(layers):
+        chunks = embed_calibration(model, calib_batches, "GPTQ")
+        for index, layer in enumerate(tqdm(inner.layers, desc="GPTQ", unit="layer", disable=not progress)):
             quantized: dict[str, QuantLinear] = {}
-            for group in _input_groups(layer, hidden[0][:num_probe], probe_context):
-                kept = [(n, config.for_module(f"model.layers.{index}.{n}")) for n in group]
-                kept = [(n, c) for n, c in kept if c is not None]
-                if not kept:
-                    continue
-                hessian = _layer_input_hessian(layer, layer.get_submodule(kept[0][0]), hidden, contexts)
-                for name, module_config in kept:
-                    module = _gptq_module(layer.get_submodule(name), hessian, module_config)
-                    quantized[name] = module
-                    # Later groups and the next layer see these weights; a plain Linear holding the
+            for names, inputs in layer_stages(layer, chunks):
+                group = _quantize_group(layer, f"model.layers.{index}.", names, inputs, config)
+                for name, module in group.items():
+                    # The stages after this one see the quantized weights; a plain Linear holding the
                     # dequantized weight runs them faster than the packed kernels at prefill sizes.
-                    _replace(layer, name, _dequantized_linear(module))
-            hidden = [layer(h, *context) for h, context in zip(hidden, contexts)]
+                    replace_module(layer, name, _dequantized_linear(module))
+                quantized |= group
             for name, module in quantized.items():
-                _replace(layer, name, module)
+                replace_module(layer, name, module)
         head_config = config.for_module("lm_head")
         if head_config is not None:
-            hessian = GPTQ(model.lm_head)
-            for h in hidden:
-                hessian.add_batch(inner.norm(h))
-            model.lm_head = _gptq_module(model.lm_head, hessian, head_config)
+            collector = GPTQ(model.lm_head)
+            for chunk in chunks:
+                collector.add_batch(inner.norm(chunk.hidden))
+            model.lm_head = _quantize_stacked([model.lm_head], collector, head_config)[0]
     return model
 
 
-def _context(inner: nn.Module, num_tokens: int, device: torch.device) -> tuple:
-    positions = torch.arange(num_tokens, device=device)
-    return inner.rotary_emb(positions), AttentionMetadata.without_cache([num_tokens])
-
-
-def _input_groups(layer: nn.Module, probe: Tensor, context: tuple) -> list[list[str]]:
-    """The layer's nn.Linear names grouped by shared input, in the order the layer calls them."""
-    calls: list[tuple[str, Tensor]] = []  # holding the inputs keeps their identities distinct
-    hooks = [
-        module.register_forward_pre_hook(lambda m, args, name=name: calls.append((name, args[0])))
-        for name, module in layer.named_modules()
-        if isinstance(module, nn.Linear)
-    ]
-    layer(probe, *context)
-    for hook in hooks:
-        hook.remove()
-    groups: list[list[str]] = []
-    last_input = None
-    for name, inp in calls:
-        if inp is last_input:
-            groups[-1].append(name)
+def _quantize_group(
+    layer: nn.Module, prefix: str, names: list[str], inputs: list[Tensor], config: QuantConfig
+) -> dict[str, QuantLinear]:
+    """GPTQ the linears `names` of `layer`, which all read `inputs` (one tensor per chunk)."""
+    kept = [(name, config.for_module(prefix + name)) for name in names]
+    kept = [(name, c) for name, c in kept if c is not None]
+    if not kept:
+        return {}
+    collector = GPTQ(layer.get_submodule(kept[0][0]))
+    for inp in inputs:
+        collector.add_batch(inp)
+    # Stack linears with equal configs; a per-tensor scale must stay per linear.
+    stacks: list[tuple[QuantConfig, list[str]]] = []
+    for name, module_config in kept:
+        same = [s for s in stacks if s[0] == module_config and module_config.group_size != 0]
+        if same:
+            same[0][1].append(name)
         else:
-            groups.append([name])
-        last_input = inp
-    return groups
+            stacks.append((module_config, [name]))
+    result: dict[str, QuantLinear] = {}
+    for module_config, stack in stacks:
+        linears = [layer.get_submodule(name) for name in stack]
+        result |= zip(stack, _quantize_stacked(linears, collector, module_config))
+    return result
 
 
-def _layer_input_hessian(
-    layer: nn.Module, linear: nn.Linear, hidden: list[Tensor], contexts: list[tuple]
-) -> GPTQ:
-    """A GPTQ collector fed with `linear`'s inputs while `layer` runs over the calibration set."""
-    collector = GPTQ(linear)
-    hook = linear.register_forward_pre_hook(lambda m, args: collector.add_batch(args[0]))
-    for h, context in zip(hidden, contexts):
-        layer(h, *context)
-    hook.remove()
-    return collector
-
-
-def _gptq_module(linear: nn.Linear, collected: GPTQ, config: QuantConfig) -> QuantLinear:
-    """GPTQ-quantize `linear` with the Hessian in `collected` (shared by layers with one input)."""
-    gptq = GPTQ(linear)
-    gptq.hessian, gptq.num_samples = collected.hessian, collected.num_samples
-    q, scales, zeros, g_idx = gptq.quantize(
+def _quantize_stacked(linears: list[nn.Linear], collector: GPTQ, config: QuantConfig) -> list[QuantLinear]:
+    """GPTQ linears sharing one input (and the Hessian in `collector`) as one stacked weight."""
+    if collector.num_samples == 0:
+        raise ValueError("GPTQ has no calibration samples: the calibration set has no tokens")
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    q, scales, zeros, g_idx = gptq_quantize_weight(
+        weight,
+        collector.hessian,
         config.bits,
         config.group_size,
         config.sym,
@@ -250,7 +331,9 @@ def _gptq_module(linear: nn.Linear, collected: GPTQ, config: QuantConfig) -> Qua
         config.damp_percent,
         config.block_size,
     )
-    return QuantLinear.from_linear(linear, config, q, scales, zeros, g_idx)
+    sizes = [linear.out_features for linear in linears]
+    parts = zip(linears, q.split(sizes), scales.split(sizes), zeros.split(sizes))
+    return [QuantLinear.from_linear(linear, config, *part, g_idx) for linear, *part in parts]
 
 
 def _dequantized_linear(module: QuantLinear) -> nn.Linear:
@@ -259,8 +342,3 @@ def _dequantized_linear(module: QuantLinear) -> nn.Linear:
     if module.bias is not None:
         linear.bias = nn.Parameter(module.bias, requires_grad=False)
     return linear
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name), child, module)

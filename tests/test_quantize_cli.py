@@ -1,0 +1,25 @@
+"""`slimserve quantize` writes a folder the other commands load; bad settings exit 2 with the reason."""
+
+import pytest
+from typer.testing import CliRunner
+
+from slimserve.cli import app
+
+pytestmark = pytest.mark.real_model
+
+
+def test_quantize_then_generate_from_the_folder(tmp_path):
+    result = CliRunner().invoke(app, ["quantize", "smollm2-135m", "--method", "rtn", "--bits", "4",
+                                      "--group-size", "64", "--asym", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "config.json").exists()
+    result = CliRunner().invoke(app, ["generate", str(tmp_path), "--prompt", "The capital of France is",
+                                      "--max-tokens", "4", "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("The capital of France is") and len(result.output) > 26
+
+
+def test_group_size_not_dividing_in_features_is_refused(tmp_path):
+    result = CliRunner().invoke(app, ["quantize", "smollm2-135m", "--group-size", "128", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "group_size 128 does not divide in_features 576" in result.output
