@@ -4,29 +4,12 @@ import pytest
 import torch
 from torch import nn
 
+from outlier_llama import outlier_llama, sequences
+
 from slimserve.config import QuantConfig
 from slimserve.models.attention import AttentionMetadata
-from slimserve.models.llama import LlamaArgs, LlamaForCausalLM
 from slimserve.quant.awq import awq_quantize
 from slimserve.quant.qlinear import QuantLinear, quantize_model
-
-
-def outlier_llama() -> LlamaForCausalLM:
-    """A tiny Llama whose RMSNorm outputs have a few channels ~20x the rest, as LLM activations do."""
-    torch.manual_seed(0)
-    args = LlamaArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=4, vocab_size=128, tie_word_embeddings=True)
-    model = LlamaForCausalLM(args).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[:3] = 20.0
-            layer.post_attention_layernorm.weight[5:7] = 20.0
-    return model
-
-
-def sequences(num: int, length: int, seed: int, vocab_size: int = 128) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab_size, (length,), generator=generator) for _ in range(num)]
 
 
 def hidden(model, ids_list: list[torch.Tensor]) -> torch.Tensor:
@@ -49,7 +32,7 @@ def awq_and_rtn_errors(model, calib, held_out, config) -> tuple[float, float]:
 
 
 def test_awq_quantizes_every_kept_linear_and_rtn_for_lm_head():
-    model = outlier_llama()
+    model = outlier_llama(20.0, 4)
     config = QuantConfig(method="awq", bits=4, group_size=32, modules={"layers.1.mlp.down_proj": {"skip": True}})
     awq_quantize(model, sequences(2, 32, seed=0), config)
     names = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -57,27 +40,27 @@ def test_awq_quantizes_every_kept_linear_and_rtn_for_lm_head():
     assert type(model.model.layers[1].mlp.down_proj) is nn.Linear
     # the lm_head weight is tied to the embedding, which stays in float and unscaled
     torch.testing.assert_close(model.lm_head.dequantize(), quantize_model(
-        outlier_llama(), QuantConfig(bits=4, group_size=32)).lm_head.dequantize())
+        outlier_llama(20.0, 4), QuantConfig(bits=4, group_size=32)).lm_head.dequantize())
 
 
 def test_skipped_linear_is_rescaled_with_its_group():
     """k_proj stays float, but the q/k/v scales fold into input_layernorm, so k_proj's columns must
     carry them: the product norm weight x k_proj column is what the float model computes."""
-    model = outlier_llama()
+    model = outlier_llama(20.0, 4)
     norm, k_proj = model.model.layers[0].input_layernorm, model.model.layers[0].self_attn.k_proj
     product = k_proj.weight.detach() * norm.weight.detach()
     config = QuantConfig(method="awq", bits=3, group_size=32, modules={"k_proj": {"skip": True}})
     awq_quantize(model, sequences(2, 32, seed=0), config)
     assert type(model.model.layers[0].self_attn.k_proj) is nn.Linear
-    assert not torch.allclose(norm.weight, outlier_llama().model.layers[0].input_layernorm.weight)
+    assert not torch.allclose(norm.weight, outlier_llama(20.0, 4).model.layers[0].input_layernorm.weight)
     torch.testing.assert_close(k_proj.weight * norm.weight, product, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_input_rejected():
     with pytest.raises(ValueError, match="got 0 \\(per tensor\\)"):
-        awq_quantize(outlier_llama(), sequences(1, 8, seed=0), QuantConfig(method="awq", group_size=0))
+        awq_quantize(outlier_llama(20.0, 4), sequences(1, 8, seed=0), QuantConfig(method="awq", group_size=0))
     with pytest.raises(ValueError, match="AWQ needs non-empty 1-D calibration sequences, got 0"):
-        awq_quantize(outlier_llama(), [], QuantConfig(method="awq", group_size=32))
+        awq_quantize(outlier_llama(20.0, 4), [], QuantConfig(method="awq", group_size=32))
     with pytest.raises(ValueError, match="AWQ supports Llama-family models, got Linear"):
         awq_quantize(nn.Linear(4, 4), sequences(1, 8, seed=0), QuantConfig(method="awq", group_size=32))
 

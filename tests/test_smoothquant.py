@@ -3,29 +3,12 @@ import copy
 import pytest
 import torch
 
+from outlier_llama import outlier_llama, sequences
+
 from slimserve.config import QuantConfig
 from slimserve.models.attention import AttentionMetadata
-from slimserve.models.llama import LlamaArgs, LlamaForCausalLM
 from slimserve.quant.qlinear import QuantLinear, quantize_model
 from slimserve.quant.smoothquant import W8A8, activation_max, smooth, smoothquant
-
-
-def outlier_llama() -> LlamaForCausalLM:
-    """A tiny Llama whose RMSNorm outputs have a few channels ~30x the rest, as LLM activations do."""
-    torch.manual_seed(0)
-    args = LlamaArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
-    model = LlamaForCausalLM(args).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[:3] = 30.0
-            layer.post_attention_layernorm.weight[5:7] = 30.0
-    return model
-
-
-def sequences(num: int, length: int, seed: int, vocab_size: int = 128) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab_size, (length,), generator=generator) for _ in range(num)]
 
 
 def logits(model, ids_list: list[torch.Tensor]) -> torch.Tensor:
@@ -42,7 +25,7 @@ def relative_error(approx: torch.Tensor, reference: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("alpha", [0.5, 0.8])
 def test_smoothing_leaves_float_outputs_unchanged(alpha):
-    model = outlier_llama()
+    model = outlier_llama(30.0, 2)
     held_out = sequences(2, 40, seed=1)
     reference = logits(model, held_out)
     act_max = activation_max(model, sequences(4, 48, seed=0))
@@ -53,7 +36,7 @@ def test_smoothing_leaves_float_outputs_unchanged(alpha):
 
 
 def test_activation_max_records_every_linear_input():
-    model = outlier_llama()
+    model = outlier_llama(30.0, 2)
     ids = sequences(1, 16, seed=2)
     act_max = activation_max(model, ids)
     names = {f"model.layers.{i}.{n}" for i in range(2) for n in
@@ -66,7 +49,7 @@ def test_activation_max_records_every_linear_input():
 
 
 def test_smoothquant_beats_naive_w8a8_on_outlier_channels():
-    model = outlier_llama()
+    model = outlier_llama(30.0, 2)
     held_out = sequences(2, 40, seed=1)
     reference = logits(model, held_out)
     # lm_head's input is not smoothed; leaving it in float isolates the decoder layers
@@ -81,13 +64,13 @@ def test_smoothquant_beats_naive_w8a8_on_outlier_channels():
 
 
 def test_default_config_is_w8a8_everywhere_but_the_embedding():
-    model = smoothquant(outlier_llama(), sequences(2, 16, seed=0))
+    model = smoothquant(outlier_llama(30.0, 2), sequences(2, 16, seed=0))
     assert model.lm_head.act_bits == 8 and model.model.layers[0].mlp.down_proj.act_bits == 8
     assert W8A8.bits == 8 and W8A8.group_size == -1 and W8A8.skip == ["embed_tokens"]
 
 
 def test_bad_input_rejected():
-    model = outlier_llama()
+    model = outlier_llama(30.0, 2)
     with pytest.raises(ValueError, match="alpha must be in"):
         smooth(model, activation_max(model, sequences(1, 8, seed=0)), alpha=1.5)
     with pytest.raises(ValueError, match="SmoothQuant needs non-empty 1-D calibration sequences, got 0"):
