@@ -83,7 +83,8 @@ def notes(rows: list[QuantRow]) -> list[str]:
     """Why targets were missed, where the table itself shows it."""
     by_name = {r.name: r for r in rows}
     base, bf16 = by_name["fp32"], by_name["bf16"]
-    found = []
+    found = [f"Decode speeds are single runs: the W4 g{GROUP} rows share one kernel, so their spread is this "
+             "machine's run-to-run noise (see the load average above)."]
     w8, w8_groups = by_name["W8A16 RTN"], by_name[f"W8A16 g{GROUP} asym RTN"]
     if delta_ppl_percent(w8, base) >= 0.3 > delta_ppl_percent(w8_groups, base):
         found.append("8 bits are enough, one symmetric scale per row is not: per-channel W8 misses 0.3 % where "

@@ -83,6 +83,8 @@ CONFIGS = {
                             skip=["embed_tokens", "lm_head"]), "awq"),
     "smoothquant-slimserve": (QuantConfig(method="smoothquant", bits=8, group_size=-1, act_bits=8,
                                           num_calib_samples=4, calib_seq_len=64), "slimserve"),
+    "qat-slimserve": (QuantConfig(method="qat", bits=4, group_size=64, num_calib_samples=4, calib_seq_len=64),
+                      "slimserve"),
 }
 
 

@@ -63,14 +63,17 @@ def _pyplot():
 
 def plot_size_vs_ppl(rows: list[QuantRow], path: Path) -> None:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.scatter(r.disk_bytes / MB, r.ppl)
-        ax.annotate(r.name, (r.disk_bytes / MB, r.ppl), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("size on disk (MB)")
-    ax.set_ylabel("perplexity")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    markers = "os^vDP*Xph<>"
+    for i, r in enumerate(rows):  # a legend, not labels: rows of one size sit on top of each other
+        ax.scatter(r.disk_bytes / MB, r.ppl, marker=markers[i % len(markers)], s=50, label=r.name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("size on disk (MB, log scale)")
+    ax.set_ylabel("perplexity (log scale)")
     ax.set_title("Size vs perplexity")
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -29,6 +29,7 @@ from slimserve.quant.awq import awq_quantize
 from slimserve.quant.calibrate import calibration_batches
 from slimserve.quant.formats import FORMATS, save_model, tie_quantized_embeddings
 from slimserve.quant.gptq import gptq_quantize
+from slimserve.quant.qat import qat_finetune
 from slimserve.quant.qlinear import quantize_model
 from slimserve.quant.smoothquant import smoothquant
 from slimserve.tokenizer import Tokenizer
@@ -50,9 +51,13 @@ def _smoothquant(model: nn.Module, calib_batches: list[Tensor], config: QuantCon
     smoothquant(model, calib_batches, config=config)  # smooths, then quantizes with config (W8A8 when act_bits=8)
 
 
+def _qat(model: nn.Module, calib_batches: list[Tensor], config: QuantConfig, progress: bool) -> None:
+    qat_finetune(model, calib_batches, config, progress=progress)  # distils from the float model, then RTN
+
+
 # method -> quantizes the fp32 model in place; every method but RTN gets calibration batches
 METHODS: dict[str, Callable[[nn.Module, list[Tensor], QuantConfig, bool], None]] = {
-    "rtn": _rtn, "gptq": _gptq, "awq": _awq, "smoothquant": _smoothquant,
+    "rtn": _rtn, "gptq": _gptq, "awq": _awq, "smoothquant": _smoothquant, "qat": _qat,
 }
 DECODE_TOKENS = 64  # tokens generated per decode-speed measurement
 DECODE_PROMPT_TOKENS = 32
