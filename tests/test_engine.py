@@ -16,6 +16,7 @@ from slimserve import LLM, SamplingParams
 from slimserve.config import EngineConfig
 from slimserve.engine.llm_engine import LLMEngine, RequestOutput
 from slimserve.errors import ContextLengthError
+from slimserve.models.loader import load_model
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=512, initializer_range=0.1)
@@ -360,8 +361,9 @@ def smol():
 
 @pytest.mark.real_model
 def test_smollm2_greedy_matches_transformers(smol):
-    # transformers' Llama holding the engine's weights (test_real_model checks our GGUF loading
-    # against transformers' own loader); so a mismatch here is the engine's, not the loader's.
+    # transformers' Llama holding the weights our loader reads (test_real_model checks those against
+    # transformers' own GGUF loader); so a mismatch here is the engine's, not the loader's. The
+    # engine's own model is fused and prepacked, so the weights come from a fresh load.
     args = smol.model_runner.model.args
     with no_init_weights():
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -370,7 +372,7 @@ def test_smollm2_greedy_matches_transformers(smol):
             num_key_value_heads=args.num_key_value_heads, vocab_size=args.vocab_size, rms_norm_eps=args.rms_norm_eps,
             rope_theta=args.rope_theta, max_position_embeddings=args.max_position_embeddings,
             tie_word_embeddings=args.tie_word_embeddings)).eval()
-    hf.load_state_dict(smol.model_runner.model.state_dict())
+    hf.load_state_dict(load_model("smollm2-135m").state_dict())
     words = "The printing press began in Mainz when a goldsmith combined movable metal type with an oil ink".split()
     prompts = [" ".join(words[:n]) for n in range(1, 17)]
     requests = [(f"r{i}", p, SamplingParams(max_tokens=4, **GREEDY)) for i, p in enumerate(prompts)]

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from slimserve.errors import CheckpointError
 from slimserve.models.attention import AttentionMetadata
+from slimserve.models.inference_linear import PackedLinear, prepare_for_inference
 from slimserve.models.loader import load_model
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -53,6 +54,19 @@ def test_logits_match_transformers(pair):
     for seq, logits in zip(seqs, out):
         ref = hf(seq[None]).logits[0]
         assert (ref - logits).abs().max().item() < LOGITS_ATOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_prepacked_model_matches_the_loaded_one(pair, dtype):
+    """What the engine runs (q/k/v and gate/up fused, oneDNN-prepacked weights) computes the same logits."""
+    _, _, folder = pair
+    plain, prepared = load_model(folder, dtype), prepare_for_inference(load_model(folder, dtype))
+    assert not any(type(m) is torch.nn.Linear for m in prepared.modules())
+    assert sum(isinstance(m, PackedLinear) for m in prepared.modules()) > 0
+    seqs = [torch.randint(0, 128, (n,)) for n in (23, 1, 6)]
+    atol = 1e-5 if dtype == torch.float32 else 5e-2  # bf16: another summation order, 8-bit mantissas
+    torch.testing.assert_close(flat_logits(prepared, seqs), flat_logits(plain, seqs), atol=atol, rtol=0)
 
 
 @torch.no_grad()

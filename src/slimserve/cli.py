@@ -37,12 +37,13 @@ def generate(
     """Generate text for one prompt, streaming tokens to the terminal."""
     from slimserve.engine.sampling_params import SamplingParams
     from slimserve.generate import Generator
+    from slimserve.models.inference_linear import prepare_for_inference
     from slimserve.models.loader import load_model, load_tokenizer, torch_dtype
 
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         tokenizer = load_tokenizer(model)
-        generator = Generator(load_model(model, torch_dtype(dtype)), tokenizer)
+        generator = Generator(prepare_for_inference(load_model(model, torch_dtype(dtype))), tokenizer)
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         if not chat:
             sys.stdout.write(prompt)

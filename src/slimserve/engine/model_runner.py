@@ -13,6 +13,7 @@ from slimserve.engine.sampler import SamplerOutput, prompt_logprobs, sample
 from slimserve.engine.scheduler import SchedulerOutput
 from slimserve.engine.sequence import Sequence
 from slimserve.models.attention import AttentionMetadata
+from slimserve.models.inference_linear import prepare_for_inference
 from slimserve.models.loader import load_model, torch_dtype
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, eos_token_ids: Collection[int]):
         self.device = torch.device(config.device)
         self.dtype = torch_dtype(config.dtype)
-        self.model = load_model(config.model, self.dtype, self.device)
+        self.model = prepare_for_inference(load_model(config.model, self.dtype, self.device))
         self.vocab_size: int = self.model.args.vocab_size
         self.block_size = config.block_size
         self.max_model_len = config.max_model_len or self.model.max_model_len

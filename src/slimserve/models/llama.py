@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimserve.models.attention import AttentionMetadata, PagedAttention
+from slimserve.models.inference_linear import merge_linears
 
 
 @dataclass
@@ -121,16 +122,24 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(args.hidden_size, H * D, bias=args.attention_bias)
         self.k_proj = nn.Linear(args.hidden_size, Hkv * D, bias=args.attention_bias)
         self.v_proj = nn.Linear(args.hidden_size, Hkv * D, bias=args.attention_bias)
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one layer, once fuse_projections ran
         self.o_proj = nn.Linear(H * D, args.hidden_size, bias=args.attention_bias and args.model_type != "qwen2")
         self.attn = PagedAttention(layer_idx, H, Hkv, D, args.sliding_window)
 
+    def fuse_projections(self) -> None:
+        self.qkv_proj = merge_linears([self.q_proj, self.k_proj, self.v_proj])
+        if self.qkv_proj is not None:
+            del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        return self.o_proj(self.attn(q, k, v, meta).reshape(T, -1))
+        T, H, Hkv = x.shape[0], self.num_heads, self.num_kv_heads
+        if self.qkv_proj is None:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        else:
+            qkv = self.qkv_proj(x)
+        qkv = qkv.view(T, H + 2 * Hkv, self.head_dim)
+        q, k = apply_rotary(qkv[:, :H + Hkv], *rope).split([H, Hkv], dim=1)  # one rotation for q and k
+        return self.o_proj(self.attn(q, k, qkv[:, H + Hkv:], meta).reshape(T, -1))
 
 
 class MLP(nn.Module):
@@ -138,10 +147,20 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one layer, once fuse_projections ran
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
+    def fuse_projections(self) -> None:
+        self.gate_up_proj = merge_linears([self.gate_proj, self.up_proj])
+        if self.gate_up_proj is not None:
+            del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,36 @@
+"""Fusing and prepacking linear layers: same outputs as the layers they replace."""
+
+import pytest
+import torch
+from torch import nn
+
+from slimserve.models.inference_linear import PackedLinear, merge_linears, pack_linears
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 7, 130])
+def test_packed_linear_matches_linear(dtype, atol, bias, rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80, bias=bias).to(dtype)
+    x = torch.randn(rows, 96, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(PackedLinear(linear)(x), linear(x), atol=atol, rtol=1e-2)
+
+
+def test_merged_linear_is_the_concatenation():
+    torch.manual_seed(0)
+    layers = [nn.Linear(32, n) for n in (32, 8, 8)]
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(merge_linears(layers)(x), torch.cat([layer(x) for layer in layers], -1))
+
+
+def test_layers_with_and_without_bias_are_not_merged():
+    assert merge_linears([nn.Linear(16, 16), nn.Linear(16, 16, bias=False)]) is None
+
+
+def test_pack_linears_leaves_other_modules():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8).half())
+    pack_linears(model)
+    assert [type(m) for m in model] == [PackedLinear, nn.LayerNorm, nn.Linear]  # fp16 has no packed path
