@@ -4,8 +4,11 @@ Three measurements (PEERS.md method), greedy, ignore EOS so every engine makes t
 - bs1 decode tok/s = (N - 1) / (t(N tokens) - t(1 token)): prefill excluded for every engine;
 - 32 concurrent requests (different prompts, 64 new tokens each): generated tokens / wall time;
 - TTFT of one 128-token prompt (time to the first generated token).
-Precisions side by side: slimserve fp32 / bf16 vs llama.cpp F32 / BF16 GGUFs requantized from the
-same shipped weights, and llama.cpp Q8_0 / Q4_0 for reference. Writes benchmarks/results/engine_cpu.md.
+Precisions side by side, all from the same shipped weights: slimserve fp32 / bf16 / int8 / int4 vs
+llama.cpp F32 / BF16 / Q8_0 / Q4_0. slimserve's int8 is RTN symmetric per output channel and its int4
+RTN symmetric in groups of 32 (Q4_0's grid), both with bf16 activations; transformers runs fp32 / bf16.
+A profile of slimserve's bf16 bs1 decode and 32-concurrent run says where the time goes.
+Writes benchmarks/results/engine_cpu.md.
 
     python benchmarks/engine_vs_peers_cpu.py [--threads 2] [--repeats 3]
 """
@@ -25,13 +28,21 @@ from llamacpp_peer import LlamaCppPeer, requantize  # noqa: E402
 from slimserve import LLM, SamplingParams  # noqa: E402
 from slimserve.assets import cache_dir, fetch  # noqa: E402
 from slimserve.eval.datasets import load_text  # noqa: E402
+from slimserve.config import QuantConfig  # noqa: E402
 from slimserve.models.loader import DTYPES  # noqa: E402
+from slimserve.quant.pipeline import quantize  # noqa: E402
 from slimserve.eval.machine import machine_info  # noqa: E402
 
 NEW_TOKENS = 64
 NUM_CONCURRENT = 32
-PRECISIONS = [("fp32", "f32"), ("bf16", "bf16")]  # slimserve dtype, llama.cpp GGUF type of the same weights
-LLAMACPP_ONLY = ["q8_0", "q4_0"]
+# slimserve precision: (its RTN config or None for plain weights, llama.cpp GGUF type of the same weights)
+PRECISIONS = {
+    "fp32": (None, "f32"),
+    "bf16": (None, "bf16"),
+    "int8": (QuantConfig(bits=8, group_size=-1), "q8_0"),
+    "int4": (QuantConfig(bits=4, group_size=32), "q4_0"),
+}
+PROFILED_OPS = 8
 
 
 def prompts_from_corpus(tokenizer, count: int, length: int) -> list[list[int]]:
@@ -82,6 +93,28 @@ def measure(name: str, run, bs1_prompt, concurrent, ttft_prompt, repeats: int, b
     return row
 
 
+def slimserve_weights(gguf: Path, precision: str, quant_config: QuantConfig | None) -> Path:
+    """The shipped GGUF itself, or a folder RTN-quantized from it (written once, cached)."""
+    if quant_config is None:
+        return gguf
+    folder = cache_dir() / "bench" / f"smollm2-135m-{precision}-rtn-g{quant_config.group_size}"
+    if not (folder / "config.json").exists():
+        quantize(gguf, quant_config, folder, progress=False)
+    return folder
+
+
+def profile(title: str, fn) -> str:
+    """The ops taking most of fn's time, as a markdown table."""
+    with torch.profiler.profile() as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    lines = [f"**{title}** (torch profiler, self CPU time)", "", "| op | calls | ms | share |", "|---|---|---|---|"]
+    lines += [f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | {100 * e.self_cpu_time_total / total:.0f} % |"
+              for e in events[:PROFILED_OPS]]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
@@ -92,23 +125,28 @@ def main() -> None:
     machine = machine_info()
     gguf = fetch("smollm2-135m")
     rows = []
-    for dtype, gguf_type in PRECISIONS:
-        llm = LLM(str(gguf), dtype=dtype)
+    profiles = []
+    for precision, (quant_config, gguf_type) in PRECISIONS.items():
+        dtype = precision if quant_config is None else "bf16"
+        llm = LLM(str(slimserve_weights(gguf, precision, quant_config)), dtype=dtype)
         bs1, ttft = prompts_from_corpus(llm.tokenizer, 1, 32)[0], prompts_from_corpus(llm.tokenizer, 1, 128)[0]
         concurrent = prompts_from_corpus(llm.tokenizer, NUM_CONCURRENT, 64)
-        rows.append(measure(f"slimserve {dtype}", slimserve_runner(llm), bs1, concurrent, ttft, args.repeats))
+        run = slimserve_runner(llm)
+        rows.append(measure(f"slimserve {precision}", run, bs1, concurrent, ttft, args.repeats))
+        if precision == "bf16":
+            profiles += [profile(f"slimserve bf16, bs1 decode of {NEW_TOKENS} tokens", lambda: run([bs1], NEW_TOKENS)),
+                         profile(f"slimserve bf16, {NUM_CONCURRENT} concurrent", lambda: run(concurrent, NEW_TOKENS))]
+        del llm, run
         peer = LlamaCppPeer(requantize(gguf, gguf_type, cache_dir() / "bench"), args.threads, NUM_CONCURRENT)
         rows.append(measure(f"llama.cpp {gguf_type.upper()}", llamacpp_runner(peer), bs1, concurrent, ttft,
                             args.repeats))
         peer.close()
-        hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=DTYPES[dtype])
-        rows.append(measure(f"transformers {dtype}", hf_runner(hf.eval()), bs1, concurrent, ttft, args.repeats,
-                            batched=False))
-    for gguf_type in LLAMACPP_ONLY:
-        peer = LlamaCppPeer(requantize(gguf, gguf_type, cache_dir() / "bench"), args.threads, NUM_CONCURRENT)
-        rows.append(measure(f"llama.cpp {gguf_type.upper()}", llamacpp_runner(peer), bs1, concurrent, ttft,
-                            args.repeats))
-        peer.close()
+        if quant_config is None:
+            hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                   dtype=DTYPES[precision])
+            rows.append(measure(f"transformers {precision}", hf_runner(hf.eval()), bs1, concurrent, ttft,
+                                args.repeats, batched=False))
+            del hf
     lines = [
         "# Engine vs peers on CPU: SmolLM2-135M-Instruct",
         "",
@@ -118,7 +156,9 @@ def main() -> None:
         "shipped Q4_1 GGUF dequantized (slimserve, transformers) or requantized by llama.cpp to the named type. "
         f"bs1 decode excludes prefill; 'concurrent' = {NUM_CONCURRENT} requests of 64-token prompts submitted "
         "together, generated tokens / wall time; TTFT = one 128-token prompt to its first token. Median of "
-        f"{args.repeats} repetitions. transformers runs requests one by one (no batched concurrent row).",
+        f"{args.repeats} repetitions. transformers runs requests one by one (no batched concurrent row). "
+        "slimserve int8 / int4: RTN from the same fp32 weights, per output channel / groups of 32, symmetric, "
+        "bf16 activations (torch's packed int8 / int4 CPU kernels); llama.cpp Q8_0 / Q4_0: blocks of 32.",
         "",
         "| engine | bs1 decode tok/s | 32 concurrent tok/s | TTFT 128 ms |",
         "|---|---|---|---|",
@@ -126,6 +166,17 @@ def main() -> None:
     for r in rows:
         concurrent = f"{r['concurrent']:.1f}" if "concurrent" in r else "—"
         lines.append(f"| {r['engine']} | {r['bs1']:.1f} | {concurrent} | {r['ttft_ms']:.1f} |")
+    lines += ["", "Ratios against the issue's targets (bs1 ≥ 1.0x llama.cpp and ≥ 3x transformers, 32 concurrent "
+              "≥ 3x llama.cpp, TTFT < 100 ms):", "", "| precision | bs1 / llama.cpp | bs1 / transformers | "
+              "concurrent / llama.cpp | TTFT ms |", "|---|---|---|---|---|"]
+    by_name = {r["engine"]: r for r in rows}
+    for precision, (_, gguf_type) in PRECISIONS.items():
+        ours, peer = by_name[f"slimserve {precision}"], by_name[f"llama.cpp {gguf_type.upper()}"]
+        hf = by_name.get(f"transformers {precision}")
+        vs_hf = f"{ours['bs1'] / hf['bs1']:.2f}x" if hf else "—"
+        lines.append(f"| {precision} | {ours['bs1'] / peer['bs1']:.2f}x | {vs_hf} | "
+                     f"{ours['concurrent'] / peer['concurrent']:.2f}x | {ours['ttft_ms']:.0f} |")
+    lines += ["", "## Where slimserve's time goes", ""] + [p + "\n" for p in profiles]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -203,6 +203,16 @@ def test_prefix_cache_hit_reuses_blocks_and_counts_tokens():
     assert [manager.blocks[b].ref_count for b in shared] == [2, 2]
 
 
+def test_prefix_caching_off_never_hits():
+    manager = BlockManager(num_blocks=10, block_size=4, enable_prefix_caching=False)
+    first = make_computed(manager, 1, list(range(11)))
+    manager.free(first)
+    again = Sequence(2, list(range(11)))
+    manager.allocate(again)
+    assert again.num_computed_tokens == 0
+    assert manager.num_prefix_cache_hits == 0 and not manager.cached_block_ids
+
+
 def test_full_prompt_hit_still_leaves_one_token_to_compute():
     manager = BlockManager(num_blocks=10, block_size=4)
     first = make_computed(manager, 1, list(range(8)))

@@ -234,6 +234,8 @@ def serve(
     dtype: str = "fp32",
     device: str = "cpu",
     max_model_len: int | None = None,
+    enable_prefix_caching: Annotated[bool, typer.Option(help="Reuse the KV cache of repeated prompt prefixes.")]
+    = True,
 ):
     """Serve MODEL behind the OpenAI-compatible API, with /metrics and the playground at /."""
     from slimserve.serve.server import serve as run_server
@@ -242,7 +244,8 @@ def serve(
     try:
         config = ServeConfig(host=host, port=port, api_keys=api_key or [], metrics_public=metrics_public,
                              max_waiting=max_waiting, drain_timeout=drain_timeout)
-        run_server(model, config, dtype=dtype, device=device, max_model_len=max_model_len)
+        run_server(model, config, dtype=dtype, device=device, max_model_len=max_model_len,
+                   enable_prefix_caching=enable_prefix_caching)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
 
@@ -258,4 +261,5 @@ def run(
     generate(model, prompt="What is the capital of France?", chat=True, profile=True, dtype="bf16")
     typer.echo(f"\nserving {model} (bf16) with the playground at http://127.0.0.1:{port}/ (Ctrl-C drains and stops)")
     serve(model, port=port, dtype="bf16", host=_SERVE.host, api_key=None, metrics_public=_SERVE.metrics_public,
-          max_waiting=_SERVE.max_waiting, drain_timeout=_SERVE.drain_timeout, device="cpu", max_model_len=None)
+          max_waiting=_SERVE.max_waiting, drain_timeout=_SERVE.drain_timeout, device="cpu", max_model_len=None,
+          enable_prefix_caching=True)

@@ -108,6 +108,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     seed: int = 0  # seeds the sampling of requests that bring no seed of their own
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks equal to an earlier prompt's
 
     def __post_init__(self) -> None:
         checks = [

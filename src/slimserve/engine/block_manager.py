@@ -34,12 +34,13 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Blocks with ref_count 0, in eviction order (first = freed longest ago); a dict gives O(1)
         # removal from the middle when a cached block is hit.
@@ -131,6 +132,8 @@ class BlockManager:
 
     def cache_full_blocks(self, seq: Sequence, num_computed_before: int) -> None:
         """Enter the blocks filled since num_computed_before into the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
         start, end = num_computed_before // self.block_size, seq.num_computed_tokens // self.block_size
         hashes = self._block_hashes(seq, end)
         for i in range(start, end):
@@ -161,7 +164,7 @@ class BlockManager:
 
     def _cache_hits(self, seq: Sequence) -> list[Block]:
         """Cached blocks holding seq's leading full blocks, verified by parent entry and tokens."""
-        if seq.sampling_params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching or seq.sampling_params.prompt_logprobs is not None:
             return []  # prompt logprobs need every prompt position's logits, so nothing may be skipped (as vLLM)
         # At least one token is left to compute: the model must produce logits for the next token.
         max_hits = (len(seq) - 1) // self.block_size

@@ -111,6 +111,7 @@ class LLMEngine:
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.model_runner.max_model_len,
+                                   enable_prefix_caching=config.enable_prefix_caching,
                                    eos_token_ids=self.tokenizer.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.seq_ids = itertools.count()

@@ -34,14 +34,14 @@ class Scheduler:
     """
 
     def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_ids: Collection[int]):
+                 max_model_len: int, eos_token_ids: Collection[int], enable_prefix_caching: bool = True):
         for name, value in [("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len)]:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if max_num_batched_tokens < max_num_seqs:  # else some decodes could starve every step
             raise ValueError(f"max_num_batched_tokens must be >= max_num_seqs ({max_num_seqs}), "
                              f"got {max_num_batched_tokens}")
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
