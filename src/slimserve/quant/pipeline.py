@@ -24,6 +24,7 @@ from slimserve.eval.evaluate import disk_bytes, peak_rss_bytes, reset_peak_rss
 from slimserve.eval.perplexity import perplexity, window_size
 from slimserve.eval.report import QuantRow, write_report
 from slimserve.generate import GenerationProfile, Generator
+from slimserve.models.inference_linear import prepare_for_inference
 from slimserve.models.loader import DTYPES, load_config, load_model, load_tokenizer
 from slimserve.quant.awq import awq_quantize
 from slimserve.quant.calibrate import calibration_batches
@@ -187,8 +188,9 @@ def measure_folder(folder: Path, dtype: str, eval_token_ids: list[int], max_wind
 
 
 def decode_tokens_per_second(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int]) -> float:
-    """Greedy batch-1 decode speed over DECODE_TOKENS tokens, after a short warm-up."""
-    generator = Generator(model, tokenizer)
+    """Greedy batch-1 decode speed over DECODE_TOKENS tokens, after a short warm-up; fuses and packs the
+    model first, as the engine does (so the model is for running only afterwards)."""
+    generator = Generator(prepare_for_inference(model), tokenizer)
     list(generator.stream(prompt_ids, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)))
     profile = GenerationProfile()
     params = SamplingParams(temperature=0.0, max_tokens=DECODE_TOKENS, ignore_eos=True)
