@@ -112,7 +112,7 @@ class GPT2LMHeadModel(nn.Module):
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         a = self.args
-        return (a.n_layer, 2, num_blocks, block_size, a.n_head, a.n_embd // a.n_head)
+        return (a.n_layer, 2, a.n_head, num_blocks, block_size, a.n_embd // a.n_head)
 
     @property
     def max_model_len(self) -> int:

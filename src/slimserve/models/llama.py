@@ -213,7 +213,7 @@ class LlamaForCausalLM(nn.Module):
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         a = self.args
-        return (a.num_hidden_layers, 2, num_blocks, block_size, a.num_key_value_heads, a.head_dim)
+        return (a.num_hidden_layers, 2, a.num_key_value_heads, num_blocks, block_size, a.head_dim)
 
     @property
     def max_model_len(self) -> int:
