@@ -136,7 +136,6 @@ def main() -> None:
         if precision == "bf16":
             profiles += [profile(f"slimserve bf16, bs1 decode of {NEW_TOKENS} tokens", lambda: run([bs1], NEW_TOKENS)),
                          profile(f"slimserve bf16, {NUM_CONCURRENT} concurrent", lambda: run(concurrent, NEW_TOKENS))]
-        del llm, run
         peer = LlamaCppPeer(requantize(gguf, gguf_type, cache_dir() / "bench"), args.threads, NUM_CONCURRENT)
         rows.append(measure(f"llama.cpp {gguf_type.upper()}", llamacpp_runner(peer), bs1, concurrent, ttft,
                             args.repeats))

@@ -11,9 +11,9 @@ from slimserve.serve.errors import APIError
 from slimserve.serve.generation import Generation
 from slimserve.serve.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                                       ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatResponseMessage,
-                                      TokenLogprob, TopLogprob, Usage, check_limits, max_tokens_for,
+                                      TokenLogprob, TopLogprob, check_limits, max_tokens_for,
                                       to_sampling_params)
-from slimserve.serve.streaming import EventStream, sse_event, unless_disconnected
+from slimserve.serve.streaming import EventStream, json_when_complete, sse_event
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, ctx: ServingContext) -> Response:
@@ -35,17 +35,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     generation = await ctx.client.generate([prompt_ids], params, log)
     if body.stream:
         return EventStream(_events(generation, ctx, body), generation)
-    try:
-        finished, choices = await unless_disconnected(request, _collect(generation, ctx, body))
-    finally:
-        await generation.aclose()
-    if not finished:
-        return Response(status_code=499)  # nginx's "client closed request", for the access log only
-    usage = Usage(prompt_tokens=log.prompt_tokens, completion_tokens=log.completion_tokens,
-                  total_tokens=log.prompt_tokens + log.completion_tokens)
-    return Response(ChatCompletionResponse(id=f"chatcmpl-{generation.request_id}", created=generation.created,
-                                           model=ctx.model_name, choices=choices, usage=usage).model_dump_json(),
-                    media_type="application/json")
+    return await json_when_complete(
+        request, generation, _collect(generation, ctx, body),
+        lambda choices, usage: ChatCompletionResponse(id=f"chatcmpl-{generation.request_id}",
+                                                      created=generation.created, model=ctx.model_name,
+                                                      choices=choices, usage=usage))
 
 
 def _logprobs(ctx: ServingContext, completion: CompletionOutput, num_top: int) -> ChatLogprobs | None:
@@ -95,7 +89,5 @@ async def _events(generation: Generation, ctx: ServingContext, body: ChatComplet
                 yield chunk(ChatChunkChoice(index=completion.index, delta=ChatDelta(content=completion.text),
                                             logprobs=logprobs, finish_reason=completion.finish_reason))
     if body.include_usage:
-        log = generation.log
-        usage = Usage(prompt_tokens=log.prompt_tokens, completion_tokens=log.completion_tokens,
-                      total_tokens=log.prompt_tokens + log.completion_tokens)
-        yield sse_event(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=usage))
+        yield sse_event(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[],
+                                            usage=generation.usage()))

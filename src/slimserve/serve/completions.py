@@ -14,8 +14,8 @@ from slimserve.serve.context import ServingContext
 from slimserve.serve.errors import APIError
 from slimserve.serve.generation import Generation
 from slimserve.serve.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                      Usage, check_limits, max_tokens_for, to_sampling_params)
-from slimserve.serve.streaming import EventStream, sse_event, unless_disconnected
+                                      check_limits, max_tokens_for, to_sampling_params)
+from slimserve.serve.streaming import EventStream, json_when_complete, sse_event
 
 
 async def create_completion(body: CompletionRequest, request: Request, ctx: ServingContext) -> Response:
@@ -34,17 +34,10 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Serv
     formatter = CompletionFormatter(ctx, body, prompt_texts)
     if body.stream:
         return EventStream(_events(generation, formatter, body), generation)
-    try:
-        finished, choices = await unless_disconnected(request, _collect(generation, formatter))
-    finally:
-        await generation.aclose()
-    if not finished:
-        return Response(status_code=499)  # nginx's "client closed request", for the access log only
-    usage = Usage(prompt_tokens=log.prompt_tokens, completion_tokens=log.completion_tokens,
-                  total_tokens=log.prompt_tokens + log.completion_tokens)
-    return Response(CompletionResponse(id=f"cmpl-{generation.request_id}", created=generation.created,
-                                       model=ctx.model_name, choices=choices, usage=usage).model_dump_json(),
-                    media_type="application/json")
+    return await json_when_complete(
+        request, generation, _collect(generation, formatter),
+        lambda choices, usage: CompletionResponse(id=f"cmpl-{generation.request_id}", created=generation.created,
+                                                  model=ctx.model_name, choices=choices, usage=usage))
 
 
 def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -133,8 +126,5 @@ async def _events(generation: Generation, formatter: CompletionFormatter,
                 yield sse_event(CompletionResponse(id=chunk_id, created=generation.created, model=model,
                                                    choices=[choice]))
     if body.include_usage:
-        log = generation.log
-        usage = Usage(prompt_tokens=log.prompt_tokens, completion_tokens=log.completion_tokens,
-                      total_tokens=log.prompt_tokens + log.completion_tokens)
         yield sse_event(CompletionResponse(id=chunk_id, created=generation.created, model=model, choices=[],
-                                           usage=usage))
+                                           usage=generation.usage()))

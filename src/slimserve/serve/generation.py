@@ -17,6 +17,7 @@ from slimserve.engine.sampling_params import SamplingParams
 from slimserve.errors import ContextLengthError
 from slimserve.serve.errors import APIError
 from slimserve.serve.metrics import ServeMetrics
+from slimserve.serve.protocol import Usage
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,12 @@ class Generation:
         self._waiting = True
         self._closed = False
         client.on_admitted()
+
+    def usage(self) -> Usage:
+        """The token counts so far (final once the generation is done)."""
+        log = self.log
+        return Usage(prompt_tokens=log.prompt_tokens, completion_tokens=log.completion_tokens,
+                     total_tokens=log.prompt_tokens + log.completion_tokens)
 
     async def start(self, prompts: list[list[int]], params: SamplingParams) -> None:
         # Queued all at once: each add waits for the engine's lock, and FIFO waiters all get it

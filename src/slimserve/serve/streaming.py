@@ -2,16 +2,17 @@
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import anyio
 from fastapi import Request
 from pydantic import BaseModel
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from slimserve.serve.errors import error_body
+from slimserve.serve.protocol import Usage
 from slimserve.serve.generation import Generation
 
 logger = logging.getLogger(__name__)
@@ -77,3 +78,16 @@ async def unless_disconnected(request: Request, work: Coroutine[Any, Any, Any]) 
     if client_left:
         return False, None
     return True, task.result()
+
+
+async def json_when_complete(request: Request, generation: Generation, collect: Coroutine[Any, Any, list],
+                             build: Callable[[list, Usage], BaseModel]) -> Response:
+    """A non-streamed answer: build(choices collected, usage) as JSON, or an empty 499 if the client
+    left first (collect is then cancelled and the generation closed, which aborts it)."""
+    try:
+        finished, choices = await unless_disconnected(request, collect)
+    finally:
+        await generation.aclose()
+    if not finished:
+        return Response(status_code=499)  # nginx's "client closed request", for the access log only
+    return Response(build(choices, generation.usage()).model_dump_json(), media_type="application/json")
