@@ -158,6 +158,7 @@ def latency(
 ):
     """Batches of equal prompts submitted together: TTFT and decode tok/s per batch size and length."""
     from slimserve.eval.bench import bench_latency, latency_table, plot_latency
+    from slimserve.eval.machine import machine_info
 
     try:
         rows = bench_latency(_engine(model, dtype, device), _ints(batch_sizes), _ints(seq_lengths), output_len)
@@ -165,7 +166,8 @@ def latency(
         _die(str(e))
     out.mkdir(parents=True, exist_ok=True)
     table = latency_table(rows)
-    (out / "latency.md").write_text(table + "\n")
+    (out / "latency.md").write_text(f"# Latency: {model} ({dtype}, {device})\n\n{machine_info().markdown()}\n\n"
+                                    f"{table}\n\n![decode tok/s per batch size](latency.png)\n")
     plot_latency(rows, out / "latency.png")
     typer.echo(table)
 
@@ -178,16 +180,22 @@ def throughput(
     output_len: int = 64,
     dtype: str = "fp32",
     device: str = "cpu",
+    out: Annotated[Path, typer.Option(help="Folder for throughput.md.")] = Path("report"),
 ):
     """num_prompts requests submitted at once: output tokens and requests per second."""
     from slimserve.eval.bench import bench_throughput
+    from slimserve.eval.machine import machine_info
 
     try:
         result = bench_throughput(_engine(model, dtype, device), num_prompts, input_len, output_len)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
-    typer.echo(f"{result.num_prompts} requests ({input_len} in, {output_len} out) in {result.seconds:.2f} s: "
-               f"{result.output_tokens_per_s:.1f} output tok/s, {result.requests_per_s:.2f} req/s")
+    line = (f"{result.num_prompts} requests ({input_len} in, {output_len} out) in {result.seconds:.2f} s: "
+            f"{result.output_tokens_per_s:.1f} output tok/s, {result.requests_per_s:.2f} req/s")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.md").write_text(f"# Throughput: {model} ({dtype}, {device})\n\n"
+                                       f"{machine_info().markdown()}\n\n{line}\n")
+    typer.echo(line)
 
 
 @bench_app.command(name="serve")
