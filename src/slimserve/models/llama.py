@@ -91,17 +91,18 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (T, 1, head_dim) for the half-split (rotate_half) layout."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (T, 1, head_dim) for the half-split (rotate_half) layout, computed in
+        fp32 and rounded to dtype (as transformers does, so bf16 rotations match it)."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
-        return emb.cos(), emb.sin()
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class RMSNorm(nn.Module):
@@ -187,7 +188,7 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (T,) flat over the batch's sequences. Returns hidden states (T, hidden)."""
         x = self.embed_tokens(input_ids)
-        rope = self.rotary_emb(positions)
+        rope = self.rotary_emb(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, meta)
         return self.norm(x)
