@@ -42,14 +42,15 @@ class AttentionMetadata:
     @functools.cached_property
     def decode_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Shared by every layer of a step: the decode sequences' block tables cut to the longest
-        context, key positions (L,), and context lengths (n, 1) for masking."""
+        context (padding -1 read as block 0: those positions are masked), key positions (L,), and
+        context lengths (n, 1) for masking."""
         n = self.num_decode_seqs
         assert n and self.cu_seqlens_q[n] == n, "decode sequences come first, one token each"
         block_size = self.kv_cache.shape[4]
         context_lens = self.context_lens[:n]
         num_blocks = -(-max(context_lens) // block_size)
         device = self.block_tables.device
-        return (self.block_tables[:n, :num_blocks], torch.arange(num_blocks * block_size, device=device),
+        return (self.block_tables[:n, :num_blocks].clamp(min=0), torch.arange(num_blocks * block_size, device=device),
                 torch.tensor(context_lens, device=device)[:, None])
 
     def decode_bias(self, sliding_window: int | None) -> torch.Tensor:
@@ -104,8 +105,9 @@ class PagedAttention(nn.Module):
             if meta.kv_cache is None:
                 k_s, v_s = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
             else:
-                k_s = gather_blocks(k_cache, meta.block_tables[s], ctx)
-                v_s = gather_blocks(v_cache, meta.block_tables[s], ctx)
+                num_blocks = -(-ctx // k_cache.shape[2])
+                k_s = gather_blocks(k_cache, meta.block_tables[s, :num_blocks])[:, :ctx]
+                v_s = gather_blocks(v_cache, meta.block_tables[s, :num_blocks])[:, :ctx]
             out[start:end] = self._attend(q[start:end], k_s, v_s)
         return out
 
@@ -119,8 +121,8 @@ class PagedAttention(nn.Module):
         """
         block_tables, _, _ = meta.decode_layout
         n, Hkv, D = q.shape[0], self.num_kv_heads, self.head_dim
-        k = k_cache[:, block_tables].flatten(2, 3).float()  # (Hkv, n, L, D)
-        v = v_cache[:, block_tables].flatten(2, 3).float()
+        k = gather_blocks(k_cache, block_tables).float()  # (Hkv, n, L, D)
+        v = gather_blocks(v_cache, block_tables).float()
         q = q.float().view(n, Hkv, self.num_heads // Hkv, D).transpose(0, 1)  # (Hkv, n, group, D)
         bias = meta.decode_bias(self.sliding_window)  # (n, 1, L)
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scale).add_(bias)  # (Hkv, n, group, L)
@@ -151,8 +153,9 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_cache.view(num_kv_heads, num_blocks * block_size, head_dim)[:, slot_mapping] = v.transpose(0, 1)
 
 
-def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
-    """The first context_len cached positions of one sequence, (Hkv, context_len, D)."""
-    block_size = cache.shape[2]
-    num_blocks = -(-context_len // block_size)
-    return cache[:, block_table[:num_blocks]].flatten(1, 2)[:, :context_len]
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """The cached positions of the blocks listed in block_tables (..., num_blocks), as
+    (Hkv, ..., num_blocks * block_size, D). index_select: 4-7x faster than indexing on the CPU."""
+    num_kv_heads, _, block_size, head_dim = cache.shape
+    blocks = cache.index_select(1, block_tables.flatten())
+    return blocks.view(num_kv_heads, *block_tables.shape[:-1], block_tables.shape[-1] * block_size, head_dim)
