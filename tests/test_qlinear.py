@@ -5,7 +5,7 @@ from torch import nn
 
 from slimserve.config import QuantConfig
 from slimserve.quant.packing import int4_cpu_layout_known, pack_bits
-from slimserve.quant.qlinear import Kernel, QuantLinear, quantize_model
+from slimserve.quant.qlinear import PACKED_CPU_MAX_ROWS, Kernel, QuantLinear, quantize_model
 from slimserve.quant.rtn import dequantize_weight, quantize_weight
 
 # Kernel vs dequantize-then-F.linear: both read the same stored integers and scales, so they
@@ -94,6 +94,97 @@ def test_w8a8_matches_per_token_int8_reference(dtype, batch):
     torch.testing.assert_close(module(x).double(), expected, **TOLERANCES[dtype])
     # and it is still the layer: within int8 noise of the float output
     torch.testing.assert_close(module(x).float(), layer(x).float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "bits, group_size, sym, out_features",
+    [(8, -1, True, 192), (4, 64, False, 192), (4, -1, True, 80)],  # 80 rows: a 64-row block and a tail
+)
+def test_packed_kernel_and_dequantized_gemm_both_match_reference(bits, group_size, sym, out_features):
+    layer = linear(out_features=out_features, dtype=torch.bfloat16)
+    module = QuantLinear.from_linear(layer, QuantConfig(bits=bits, group_size=group_size, sym=sym))
+    if module.kernel not in PACKED_CPU_MAX_ROWS:
+        pytest.skip("no packed CPU kernel for this scheme on this build")
+    max_rows = PACKED_CPU_MAX_ROWS[module.kernel]
+    reference_weight = module.dequantize()
+    for batch in (max_rows, max_rows + 1):  # the last packed-kernel call and the first dequantized one
+        x = inputs((batch, 768), torch.bfloat16)
+        reference = F.linear(x, reference_weight, layer.bias)
+        torch.testing.assert_close(module(x), reference, **TOLERANCES[torch.bfloat16])
+    assert torch.equal(module(x), module._dequantized_mm(x) + layer.bias)  # past max_rows, that path
+
+
+@pytest.mark.skipif(not int4_cpu_layout_known(), reason="int4 CPU layout known only on AVX2/AVX512")
+def test_dequantized_gemm_keeps_act_order():
+    layer = linear(in_features=256, out_features=64, bias=False, dtype=torch.bfloat16)
+    q, scales, zeros = quantize_weight(layer.weight.detach(), 4, 32, sym=False)
+    g_idx = torch.randperm(256, generator=torch.Generator().manual_seed(0)) // 32
+    config = QuantConfig(bits=4, group_size=32, sym=False)
+    module = QuantLinear.from_linear(layer, config, q, scales.to(torch.bfloat16), zeros, g_idx)
+    x = inputs((PACKED_CPU_MAX_ROWS[module.kernel] + 1, 256), torch.bfloat16)
+    reference = F.linear(x, module.dequantize())
+    torch.testing.assert_close(module(x), reference, **TOLERANCES[torch.bfloat16])
+
+
+# (bits, group_size, sym, act_bits): int8 and int4 packed kernels, a REF scheme, W8A8, per-tensor
+CONCAT_SCHEMES = [(8, -1, True, None), (4, 64, False, None), (3, 64, False, None), (8, -1, True, 8),
+                  (8, 0, True, None)]
+
+
+@pytest.mark.parametrize("bias", [(True, True, True), (False, False, False), (True, False, True)])
+@pytest.mark.parametrize("scheme", CONCAT_SCHEMES)
+def test_concat_equals_stacked_outputs(scheme, bias):
+    bits, group_size, sym, act_bits = scheme
+    config = QuantConfig(bits=bits, group_size=group_size, sym=sym, act_bits=act_bits)
+    layers = [
+        QuantLinear.from_linear(linear(out_features=n, bias=b, dtype=torch.bfloat16, seed=n), config)
+        for n, b in zip((192, 64, 64), bias)  # q, k, v projections of a GQA layer
+    ]
+    fused = QuantLinear.concat(layers)
+    assert fused.out_features == 320 and fused.kernel is layers[0].kernel
+    q, scales, zeros, _ = fused.quantized()
+    parts = [layer.quantized() for layer in layers]
+    assert torch.equal(q, torch.cat([part[0] for part in parts]))
+    rows = [(layer.out_features, -1) for layer in layers]
+    assert torch.equal(scales, torch.cat([part[1].expand(shape) for part, shape in zip(parts, rows)]))
+    assert torch.equal(zeros, torch.cat([part[2].expand(shape) for part, shape in zip(parts, rows)]))
+    for batch in (1, 65):  # packed kernel and dequantized GEMM
+        x = inputs((batch, 768), torch.bfloat16)
+        expected = torch.cat([layer(x) for layer in layers], dim=-1)
+        torch.testing.assert_close(fused(x), expected, **TOLERANCES[torch.bfloat16])
+
+
+def test_concat_keeps_act_order():
+    weights = [linear(in_features=256, out_features=64, dtype=torch.bfloat16, seed=s) for s in (0, 1)]
+    g_idx = torch.randperm(256, generator=torch.Generator().manual_seed(0)) // 32
+    config = QuantConfig(bits=4, group_size=32, sym=False)
+    layers = []
+    for layer in weights:
+        q, scales, zeros = quantize_weight(layer.weight.detach(), 4, 32, sym=False)
+        layers.append(QuantLinear.from_linear(layer, config, q, scales.to(torch.bfloat16), zeros, g_idx))
+    fused = QuantLinear.concat(layers)
+    assert torch.equal(fused.state_dict()["g_idx"], g_idx.to(torch.int32))
+    x = inputs((3, 256), torch.bfloat16)
+    torch.testing.assert_close(fused(x), torch.cat([layer(x) for layer in layers], dim=-1), rtol=0, atol=0)
+
+
+def test_concat_rejects_mismatched_layers():
+    int4 = QuantLinear.from_linear(linear(out_features=64), QuantConfig(bits=4, group_size=64))
+    with pytest.raises(ValueError, match="cannot concat layers with bits 4 and 8"):
+        QuantLinear.concat([int4, QuantLinear.from_linear(linear(out_features=64), QuantConfig(bits=8))])
+    with pytest.raises(ValueError, match="cannot concat layers with in_features 768 and 512"):
+        other = QuantLinear.from_linear(linear(512, 64), QuantConfig(bits=4, group_size=64))
+        QuantLinear.concat([int4, other])
+    with pytest.raises(ValueError, match="cannot concat layers with group_size 64 and 128"):
+        QuantLinear.concat([int4, QuantLinear.from_linear(linear(out_features=64), QuantConfig(bits=4))])
+    layer = linear(out_features=64)
+    q, scales, zeros = quantize_weight(layer.weight.detach(), 4, 64, sym=True)
+    g_idx = torch.randperm(768, generator=torch.Generator().manual_seed(0)) // 64
+    act_order = QuantLinear.from_linear(layer, QuantConfig(bits=4, group_size=64), q, scales, zeros, g_idx)
+    with pytest.raises(ValueError, match="cannot concat layers with different g_idx"):
+        QuantLinear.concat([int4, act_order])
+    with pytest.raises(ValueError, match="concat needs at least one layer"):
+        QuantLinear.concat([])
 
 
 @pytest.mark.parametrize(

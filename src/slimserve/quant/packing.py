@@ -94,8 +94,9 @@ def unpack_bits(packed: Tensor, bits: int, dim: int = -1) -> Tensor:
 
 # torch's int4 CPU kernel reads its own layout, produced by _convert_weight_to_int4pack_for_cpu:
 # per block of BLOCK_N output rows (64 on AVX512, 32 on AVX2), for each input column k, BLOCK_N / 2
-# bytes. AVX512 byte d < 16 holds rows d (low nibble) and d + 32 (high), byte 16 + d rows d + 16
-# and d + 48; AVX2 byte d holds rows d and d + 16; a last, shorter block holds rows 2j and 2j + 1.
+# bytes whose low nibbles hold the block's first BLOCK_N / 2 rows and high nibbles the rest (AVX512
+# bytes d < 16 hold rows d and d + 32, bytes 16 + d rows d + 16 and d + 48; AVX2 byte d rows d and
+# d + 16); a last, shorter block holds rows 2j and 2j + 1 in byte j.
 INT4_CPU_BLOCK_N = {"AVX512": 64, "AVX2": 32}
 
 
@@ -112,20 +113,20 @@ def pack_int4_cpu(q: Tensor) -> Tensor:
 
 
 def unpack_int4_cpu(packed: Tensor, out_features: int, in_features: int) -> Tensor:
-    """Inverse of pack_int4_cpu: (out, in / 2) uint8 -> q (out, in) uint8."""
+    """Inverse of pack_int4_cpu: (out, in / 2) uint8 -> q (out, in) uint8.
+
+    q is the transpose of a contiguous (in, out) tensor: the layout stores each input column's
+    values of a block side by side, so this order costs no transposing copy (and dequantizing
+    it for a matmul broadcasts group scales along rows, which vectorizes).
+    """
     block_n = INT4_CPU_BLOCK_N[torch.backends.cpu.get_cpu_capability()]
     flat = packed.reshape(-1)
     num_full = out_features // block_n
     full = flat[: num_full * block_n * in_features // 2].reshape(num_full, in_features, block_n // 2)
-    low, high = full & 15, full >> 4
-    if block_n == 64:
-        rows = torch.cat([low[..., :16], low[..., 16:], high[..., :16], high[..., 16:]], dim=-1)
-    else:
-        rows = torch.cat([low, high], dim=-1)
-    q = rows.transpose(1, 2).reshape(num_full * block_n, in_features)
+    q_t = torch.cat([full & 15, full >> 4], dim=-1).transpose(0, 1).reshape(in_features, -1)
     tail_rows = out_features - num_full * block_n
-    if tail_rows == 0:
-        return q
-    tail = flat[num_full * block_n * in_features // 2 :].reshape(in_features, tail_rows // 2)
-    tail_q = torch.stack([tail & 15, tail >> 4], dim=-1).reshape(in_features, tail_rows).t()
-    return torch.cat([q, tail_q], dim=0)
+    if tail_rows:
+        tail = flat[num_full * block_n * in_features // 2 :].reshape(in_features, tail_rows // 2)
+        tail_q_t = torch.stack([tail & 15, tail >> 4], dim=-1).reshape(in_features, tail_rows)
+        q_t = torch.cat([q_t, tail_q_t], dim=1)
+    return q_t.t()

@@ -15,6 +15,10 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
 - REF: dequantize, then F.linear: 3/2-bit, asymmetric 8-bit, odd groups, fp32/fp16 activations,
   every non-CPU device (CUDA for now).
 
+INT8_CPU and INT4_CPU run their packed kernel up to PACKED_CPU_MAX_ROWS rows (decode); for more
+rows (prefill) they dequantize the weight to bf16 and run a bf16 GEMM. Both are weight-only:
+activations stay in bf16.
+
 Whatever the kernel, state_dict holds the portable form: qweight (out, in * bits / 8) uint8 packed
 along `in` (packing.pack_bits), scales (rows, num_groups) in the compute dtype, zeros
 (rows, num_groups) uint8, g_idx (in,) int32 when act-order regrouped the columns, and bias;
@@ -55,6 +59,13 @@ class Kernel(Enum):
     INT4_CPU = "int4_cpu"
     W8A8_CPU = "w8a8_cpu"
     W8A8_REF = "w8a8_ref"
+
+
+# The packed kernels are compute-bound past a few rows: their time grows about linearly with the
+# row count, while dequantizing the weight once (to_dtype for int8; unpack and scale for int4, the
+# dearer) and running the compute dtype's GEMM costs a little more than the bf16 GEMM. Crossovers
+# on SmolLM2-135M's shapes (AVX512-BF16 Zen 4): int8 between 8 and 16 rows, int4 near 50.
+PACKED_CPU_MAX_ROWS = {Kernel.INT8_CPU: 8, Kernel.INT4_CPU: 48}
 
 
 class QuantLinear(nn.Module):
@@ -126,6 +137,54 @@ class QuantLinear(nn.Module):
             q, scales, zeros = quantize_weight(weight, config.bits, config.group_size, config.sym)
         bias = None if linear.bias is None else linear.bias.detach()
         module.set_quantized(q, scales.to(weight.dtype), zeros, g_idx, bias)
+        return module
+
+    @classmethod
+    def concat(cls, layers: list["QuantLinear"]) -> "QuantLinear":
+        """One layer whose output is the given layers' outputs stacked along out_features.
+
+        Fuses projections of one input (q/k/v, gate/up) into one matmul. The layers must agree on
+        in_features, bits, group_size, sym, act_bits, dtype and g_idx; per-tensor layers (group_size
+        0) become per-channel (-1), each row keeping its layer's scale. A missing bias is zeros.
+        """
+        if not layers:
+            raise ValueError("concat needs at least one layer")
+        first, forms = layers[0], [layer.quantized() for layer in layers]
+        g_idx = forms[0][3]
+        for layer, (_, _, _, layer_g_idx) in zip(layers[1:], forms[1:]):
+            for name in ("in_features", "bits", "group_size", "sym", "act_bits", "dtype"):
+                if getattr(layer, name) != getattr(first, name):
+                    values = f"{getattr(first, name)} and {getattr(layer, name)}"
+                    raise ValueError(f"cannot concat layers with {name} {values}")
+            same_g_idx = layer_g_idx is g_idx or (
+                layer_g_idx is not None and g_idx is not None and torch.equal(layer_g_idx, g_idx)
+            )
+            if not same_g_idx:
+                raise ValueError("cannot concat layers with different g_idx")
+
+        def stacked(index: int) -> Tensor:  # q, scales or zeros; a per-tensor scale repeats per row
+            parts = [form[index].expand(layer.out_features, -1) for form, layer in zip(forms, layers)]
+            return torch.cat(parts)
+
+        q = stacked(0)
+        bias = None
+        if any(layer.bias is not None for layer in layers):
+            bias = torch.cat([
+                q.new_zeros(layer.out_features, dtype=first.dtype) if layer.bias is None else layer.bias
+                for layer in layers
+            ])
+        module = cls(
+            first.in_features,
+            q.shape[0],
+            first.bits,
+            -1 if first.group_size == 0 else first.group_size,
+            first.sym,
+            bias=bias is not None,
+            act_bits=first.act_bits,
+            dtype=first.dtype,
+            device="meta",
+        )
+        module.set_quantized(q, stacked(1), stacked(2), g_idx, bias)
         return module
 
     def set_quantized(
@@ -239,7 +298,9 @@ class QuantLinear(nn.Module):
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         x2 = x2.contiguous()
-        if self.kernel is Kernel.INT4_CPU:
+        if x2.shape[0] > PACKED_CPU_MAX_ROWS.get(self.kernel, x2.shape[0]):
+            y = self._dequantized_mm(x2)
+        elif self.kernel is Kernel.INT4_CPU:
             kernel_group = self.in_features // self.scales_and_zeros.shape[0]
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2, self.qweight, kernel_group, self.scales_and_zeros
@@ -254,6 +315,18 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _dequantized_mm(self, x2: Tensor) -> Tensor:
+        """x2 @ W.T through the weight dequantized to the compute dtype, for the packed CPU kernels."""
+        if self.kernel is Kernel.INT8_CPU:  # q - 128 is exact in bf16; the scale is per output
+            return F.linear(x2, self.qweight.to(self.dtype)) * self.scales
+        q_t = unpack_int4_cpu(self.qweight, self.out_features, self.in_features).t()  # (in, out)
+        num_kernel_groups = self.scales_and_zeros.shape[0]
+        # contiguous (groups, 1, out) factors, so the broadcast along each group's rows vectorizes
+        scales = self.scales_and_zeros[:, None, :, 0].contiguous()
+        offsets = self.scales_and_zeros[:, None, :, 1] - 8 * scales  # (q - 8) s + zero_f = q s + offset
+        q_t = q_t.to(self.dtype).view(num_kernel_groups, -1, self.out_features)
+        return x2 @ torch.addcmul(offsets, q_t, scales).view(self.in_features, self.out_features)
 
     def _w8a8(self, x2: Tensor) -> Tensor:
         """Per-token symmetric int8 activations (W8A8 dynamic), products summed in int32."""
