@@ -4,7 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from slimserve.models.inference_linear import PackedLinear, merge_linears, pack_linears
+from slimserve.config import QuantConfig
+from slimserve.models.attention import AttentionMetadata
+from slimserve.models.inference_linear import PackedLinear, merge_linears, pack_linears, prepare_for_inference
+from slimserve.models.llama import LlamaArgs, LlamaForCausalLM
+from slimserve.quant.qlinear import QuantLinear, quantize_model
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
@@ -34,3 +38,22 @@ def test_pack_linears_leaves_other_modules():
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8).half())
     pack_linears(model)
     assert [type(m) for m in model] == [PackedLinear, nn.LayerNorm, nn.Linear]  # fp16 has no packed path
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, -1), (4, 32)])
+def test_quantized_llama_fuses_into_one_quant_linear_per_projection(bits, group_size):
+    """q/k/v and gate/up of a quantized model become one QuantLinear each; logits do not move."""
+    torch.manual_seed(0)
+    args = LlamaArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=96)
+    model = quantize_model(LlamaForCausalLM(args).to(torch.bfloat16), QuantConfig(bits=bits, group_size=group_size))
+    ids = torch.randint(0, 96, (9,))
+    meta = AttentionMetadata.without_cache([9])
+    with torch.no_grad():
+        before = model.compute_logits(model(ids, torch.arange(9), meta))
+        prepare_for_inference(model)
+        after = model.compute_logits(model(ids, torch.arange(9), meta))
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert isinstance(attn.qkv_proj, QuantLinear) and isinstance(mlp.gate_up_proj, QuantLinear)
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")
+    torch.testing.assert_close(after, before, atol=2e-2, rtol=0)

@@ -32,7 +32,7 @@ def merge_linears(layers: list[nn.Module]) -> nn.Module | None:
         if merged.bias is not None:
             merged.bias.data = torch.cat([b.data for b in biases])
         return merged
-    if all(isinstance(layer, QuantLinear) for layer in layers) and hasattr(QuantLinear, "concat"):
+    if all(isinstance(layer, QuantLinear) for layer in layers):
         try:
             return QuantLinear.concat(layers)
         except ValueError:  # different schemes per projection (mixed precision): keep them apart
