@@ -33,13 +33,14 @@ def reconstruction_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Te
     return float(((x @ (weight - approx).t()) ** 2).sum())
 
 
-def gptq_and_rtn_errors(layer: nn.Linear, calib, held_out, bits: int, group_size: int, **options):
+def gptq_and_rtn_errors(layer: nn.Linear, calib, held_out, bits: int, group_size: int, sym: bool = False,
+                        **options):
     """||W X - Q X||² on held-out inputs for GPTQ (calibrated on calib) and for RTN."""
     gptq = GPTQ(layer)
     gptq.add_batch(calib)
-    q, scales, zeros, g_idx = gptq.quantize(bits, group_size, sym=False, **options)
+    q, scales, zeros, g_idx = gptq.quantize(bits, group_size, sym=sym, **options)
     W = layer.weight.detach()
-    rtn = dequantize_weight(*quantize_weight(W, bits, group_size, sym=False))
+    rtn = dequantize_weight(*quantize_weight(W, bits, group_size, sym=sym))
     gptq_weight = dequantize_weight(q, scales, zeros, g_idx)
     return reconstruction_error(W, gptq_weight, held_out), reconstruction_error(W, rtn, held_out)
 
@@ -83,11 +84,15 @@ def smollm2_ffn_down() -> tuple[nn.Linear, torch.Tensor]:
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("bits, act_order", [(4, False), (3, True)])
-def test_gptq_beats_rtn_on_smollm2_ffn_down(smollm2_ffn_down, bits, act_order):
+@pytest.mark.parametrize(
+    "bits, group_size, sym, act_order",
+    # the last: W8A16 in the packed int8 kernel's layout, where RTN misses the 0.3 % perplexity target
+    [(4, 128, False, False), (3, 128, False, True), (8, -1, True, False)],
+)
+def test_gptq_beats_rtn_on_smollm2_ffn_down(smollm2_ffn_down, bits, group_size, sym, act_order):
     layer, x = smollm2_ffn_down
     # calibration and held-out tokens are disjoint
-    gptq_error, rtn_error = gptq_and_rtn_errors(layer, x[:2048], x[2048:], bits, 128, act_order=act_order)
+    gptq_error, rtn_error = gptq_and_rtn_errors(layer, x[:2048], x[2048:], bits, group_size, sym, act_order=act_order)
     assert gptq_error < 0.9 * rtn_error
 
 
@@ -194,6 +199,20 @@ def test_gptq_quantize_replaces_every_kept_linear_of_a_llama():
     assert isinstance(model.model.layers[1].mlp.down_proj, nn.Linear)
     relative_error = (logits(model, calib[0]) - reference).norm() / reference.norm()
     assert relative_error < 0.01  # 8 bits: close to the float model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_lm_head_is_rounded_to_nearest(tied):
+    """A GPTQ head tied to the embedding fed GPTQ's column corrections into every embedding lookup
+    (SmolLM2 W8 per channel, bf16: +0.42 % perplexity; with the embedding left exact, fp32: +0.16 %)."""
+    model = tiny_llama()
+    if not tied:
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    calib = [torch.randint(0, 128, (48,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    config = QuantConfig(method="gptq", bits=4, group_size=-1)
+    rtn = quantize_weight(model.lm_head.weight.detach(), 4, -1, sym=True)[0]
+    gptq_quantize(model, calib, config)
+    assert torch.equal(model.lm_head.quantized()[0], rtn) == tied
 
 
 def test_gptq_quantize_needs_calibration_text():

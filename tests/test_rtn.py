@@ -20,6 +20,21 @@ def expand(t: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return t.float().repeat_interleave(shape[1] // t.shape[1], dim=1).expand(shape)
 
 
+def assert_rounded_up_to_bfloat16(scales: torch.Tensor, exact: torch.Tensor) -> None:
+    """scales is the smallest bfloat16 value >= exact (bf16 keeps 8 significant bits)."""
+    assert (scales.bfloat16().float() == scales).all()
+    assert (scales >= exact).all() and (scales <= exact * (1 + 2**-7)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scales_survive_the_storage_dtype(dtype):
+    """Integers were once chosen for float32 scales that the model then stored in bf16; each row's
+    rounded scale added an error that no integer accounted for (SmolLM2 W8 per channel: +0.87 %
+    perplexity instead of +0.58 %)."""
+    q, scales, zeros = quantize_weight(weight(), 8, -1, sym=True)
+    assert torch.equal(dequantize_weight(q, scales.to(dtype), zeros), dequantize_weight(q, scales, zeros))
+
+
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("bits, group_size", SCHEMES)
 def test_error_at_most_half_a_step_per_element(bits, group_size, sym):
@@ -43,7 +58,7 @@ def test_symmetric_zero_is_midpoint_and_scale_covers_max_abs(bits):
     groups = w.reshape(w.shape[0], -1, 32)
     max_abs = groups.abs().amax(dim=-1)
     expected = torch.where(max_abs == 0, 2.0, 2 * max_abs) / (2**bits - 1)
-    torch.testing.assert_close(scales, expected)
+    assert_rounded_up_to_bfloat16(scales, expected)
 
 
 def test_asymmetric_scale_spans_group_range_including_zero():
@@ -53,7 +68,7 @@ def test_asymmetric_scale_spans_group_range_including_zero():
     low, high = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
     empty = high == low  # the all-zero row gets the range [-1, 1]
     low, high = torch.where(empty, -1.0, low), torch.where(empty, 1.0, high)
-    torch.testing.assert_close(scales, (high - low) / 15)
+    assert_rounded_up_to_bfloat16(scales, (high - low) / 15)
     # integer 0 stands for the range's low end (the group minimum or 0), up to half a step
     assert ((-zeros.float() * scales - low).abs() <= scales / 2 + 1e-7).all()
 

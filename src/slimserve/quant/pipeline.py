@@ -118,15 +118,21 @@ class Variant:
     config: QuantConfig | None = None
 
 
-def precision_variants(precisions: Sequence[str], hf_config: dict) -> list[Variant]:
-    """fp32 / bf16 / fp16 as they are; int8 = W8A16 RTN per channel (symmetric); int4 = W4 RTN,
-    asymmetric, in groups of 128, or of the largest of 64 and 32 that divides every layer's input
-    width (SmolLM2's 576 = 9 x 64), with lm_head at 8 bits per channel, as llama.cpp's 4-bit mixes
-    keep the output matrix wider (on SmolLM2, 2 windows: +25 % ppl vs +42 % with a 4-bit lm_head)."""
+def default_group_size(hf_config: dict) -> int:
+    """128, or the largest of 64 and 32 dividing every layer's input width (SmolLM2's 576 = 9 x 64);
+    -1 (per channel) if none does."""
     widths = [hf_config["hidden_size"], hf_config["intermediate_size"]]
     if "head_dim" in hf_config:
         widths.append(hf_config["head_dim"] * hf_config["num_attention_heads"])
-    group_size = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), -1)
+    return next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), -1)
+
+
+def precision_variants(precisions: Sequence[str], hf_config: dict) -> list[Variant]:
+    """fp32 / bf16 / fp16 as they are; int8 = W8A16 RTN per channel (symmetric); int4 = W4 RTN,
+    asymmetric, in groups of default_group_size, with lm_head at 8 bits per channel, as llama.cpp's
+    4-bit mixes keep the output matrix wider (on SmolLM2, 2 windows: +25 % ppl vs +42 % with a
+    4-bit lm_head)."""
+    group_size = default_group_size(hf_config)
     group = f"g{group_size}" if group_size > 0 else "per-channel"
     head_8bit = {"lm_head": {"bits": 8, "group_size": -1, "sym": True}}
     int4 = QuantConfig(bits=4, group_size=group_size, sym=False, modules=head_8bit)

@@ -4,6 +4,9 @@ The integer grid is GPTQ's: q = clamp(round(w / scale) + zero, 0, 2^bits - 1) an
 w ≈ scale * (q - zero), with zero an integer. Asymmetric ranges are widened to include 0, so
 the zero point is exactly representable; symmetric quantization uses zero = 2^(bits-1) and
 scale = 2 max|w| / (2^bits - 1). Either way |w - dequantized| <= scale / 2 for every element.
+Scales are rounded up to bfloat16 precision before the integers are chosen, so the integers fit
+the scales as stored in any compute dtype: choosing them for float32 scales that are then stored
+in bf16 cost SmolLM2 W8 per-channel +0.87 % perplexity instead of +0.58 %.
 
 Shapes for a weight of shape (out, in): q (out, in) uint8; scales and zeros (1, 1) per tensor,
 (out, 1) per channel, (out, in // group_size) per group; scales float32, zeros uint8.
@@ -45,12 +48,18 @@ def compute_scales(rows: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     empty = xmax == xmin
     xmin = torch.where(empty, -1.0, xmin)
     xmax = torch.where(empty, 1.0, xmax)
-    scales = (xmax - xmin) / maxq
+    scales = round_up_to_bfloat16((xmax - xmin) / maxq)
     if sym:
         zeros = torch.full_like(scales, float(2 ** (bits - 1)))
     else:
         zeros = torch.round(-xmin / scales)
     return scales, zeros
+
+
+def round_up_to_bfloat16(x: Tensor) -> Tensor:
+    """Positive float32 x rounded up to the nearest bfloat16 value (bf16 is float32's upper 16 bits)."""
+    assert x.dtype == torch.float32 and bool((x > 0).all())
+    return ((x.view(torch.int32) + 0xFFFF) & -0x10000).view(torch.float32)
 
 
 def quantize_to_grid(w: Tensor, scales: Tensor, zeros: Tensor, bits: int) -> Tensor:

@@ -18,7 +18,7 @@ from slimserve.models.attention import AttentionMetadata
 from slimserve.quant.gptq import check_llama
 from slimserve.quant.qlinear import quantize_model
 
-DEFAULT_ALPHA = 0.5  # the paper's default migration strength
+DEFAULT_ALPHA = 0.65  # SmolLM2 W8A8, fp32, 4 windows: +1.36 % at the paper's 0.5, +0.91 % at 0.65, +1.68 % at 0.8
 W8A8 = QuantConfig(method="smoothquant", bits=8, group_size=-1, sym=True, act_bits=8)
 
 
