@@ -77,7 +77,8 @@ def test_tiny_model_matches_transformers(tmp_path, arch):
         p0, p1 = "model.layers.0", "model.layers.1"
         qtypes = {f"{p0}.self_attn.q_proj.weight": Q.Q8_0, f"{p0}.self_attn.k_proj.weight": Q.Q4_0,
                   f"{p0}.self_attn.v_proj.weight": Q.Q4_1, f"{p0}.self_attn.o_proj.weight": Q.F16,
-                  f"{p0}.mlp.gate_proj.weight": Q.BF16, "model.embed_tokens.weight": Q.Q8_0}  # fmt: skip
+                  f"{p0}.mlp.gate_proj.weight": Q.BF16, f"{p0}.mlp.up_proj.weight": Q.Q5_0,
+                  "model.embed_tokens.weight": Q.Q8_0}  # fmt: skip
         H, F = TINY["hidden_size"], TINY["intermediate_size"]
         kv = TINY["num_key_value_heads"] * H // TINY["num_attention_heads"]
         raw = {f"{p1}.self_attn.q_proj.weight": (random_k_quant_bytes(Q.Q4_K, H, H), Q.Q4_K),
@@ -128,10 +129,10 @@ def test_tied_embeddings_and_rope_scaling(tmp_path):
 
 
 def test_unsupported_tensor_type_names_type_tensor_and_file(tmp_path):
-    qtypes = {"model.layers.1.self_attn.v_proj.weight": Q.Q5_0}
+    qtypes = {"model.layers.1.self_attn.v_proj.weight": Q.Q5_1}
     path = write_gguf(tmp_path / "q5.gguf", "llama", random_state_dict("llama"), qtypes)
     read_gguf(path)  # metadata alone is fine
-    with pytest.raises(CheckpointError, match="Q5_0") as error:
+    with pytest.raises(CheckpointError, match="Q5_1") as error:
         list(iter_gguf_tensors(path))
     assert "blk.1.attn_v.weight" in str(error.value) and str(path) in str(error.value)
 

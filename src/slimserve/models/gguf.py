@@ -20,7 +20,8 @@ from gguf.quants import dequantize
 from slimserve.errors import CheckpointError
 
 SUPPORTED_TYPES = frozenset(
-    GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+    GGMLQuantizationType[name]
+    for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
 )
 
 # general.architecture -> (HF model_type, HF class); llama.cpp writes Llama 2/3, Mistral and SmolLM2 as "llama".
