@@ -128,7 +128,8 @@ def main() -> None:
     profiles = []
     for precision, (quant_config, gguf_type) in PRECISIONS.items():
         dtype = precision if quant_config is None else "bf16"
-        llm = LLM(str(slimserve_weights(gguf, precision, quant_config)), dtype=dtype)
+        # No prefix caching: the runs repeat their prompts, and llama.cpp clears its cache every run.
+        llm = LLM(str(slimserve_weights(gguf, precision, quant_config)), dtype=dtype, enable_prefix_caching=False)
         bs1, ttft = prompts_from_corpus(llm.tokenizer, 1, 32)[0], prompts_from_corpus(llm.tokenizer, 1, 128)[0]
         concurrent = prompts_from_corpus(llm.tokenizer, NUM_CONCURRENT, 64)
         run = slimserve_runner(llm)

@@ -143,7 +143,8 @@ def _engine(model: str, dtype: str, device: str):
     from slimserve.config import EngineConfig
     from slimserve.engine.llm_engine import LLMEngine
 
-    return LLMEngine(EngineConfig(model, dtype=dtype, device=device))
+    # Benchmarks repeat prompts across runs: prefix-cache hits would time a cache lookup, not a prefill.
+    return LLMEngine(EngineConfig(model, dtype=dtype, device=device, enable_prefix_caching=False))
 
 
 @bench_app.command()
