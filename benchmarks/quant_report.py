@@ -25,7 +25,6 @@ from slimserve.models.loader import load_config, load_tokenizer
 from slimserve.quant.pipeline import (
     DECODE_PROMPT_TOKENS,
     DECODE_TOKENS,
-    METHODS,
     Variant,
     default_group_size,
     run_variant,
