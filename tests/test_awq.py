@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from outlier_llama import outlier_llama, sequences
+from smollm2_layers import smollm2_two_layers
 
 from slimserve.config import QuantConfig
 from slimserve.models.attention import AttentionMetadata
@@ -65,21 +66,9 @@ def test_bad_input_rejected():
         awq_quantize(nn.Linear(4, 4), sequences(1, 8, seed=0), QuantConfig(method="awq", group_size=32))
 
 
-@pytest.fixture(scope="module")
-def smollm2_two_layers():
-    """The first two decoder layers of SmolLM2-135M, calibration text (SOTU before 1990) and
-    held-out text (SOTU from 1990 on)."""
-    from slimserve.eval.datasets import load_text
-    from slimserve.models.loader import load_model, load_tokenizer
-
-    model = load_model("smollm2-135m", torch.float32)
-    model.model.layers = model.model.layers[:2]
-    tokenizer = load_tokenizer("smollm2-135m")
-    calib_ids = tokenizer.encode(load_text("sotu-calib")[:20000], add_special_tokens=False)
-    eval_ids = tokenizer.encode(load_text("sotu")[:20000], add_special_tokens=False)
-    calib = [torch.tensor(calib_ids[i * 256 : (i + 1) * 256]) for i in range(4)]
-    held_out = [torch.tensor(eval_ids[i * 256 : (i + 1) * 256]) for i in range(2)]
-    return model, calib, held_out
+@pytest.fixture(scope="module", name="smollm2_two_layers")
+def two_layers():
+    return smollm2_two_layers()
 
 
 @pytest.mark.real_model

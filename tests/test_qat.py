@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from smollm2_layers import smollm2_two_layers
+
 from slimserve.config import QuantConfig
 from slimserve.models.llama import LlamaArgs, LlamaForCausalLM
 from slimserve.quant.qat import FakeQuantLinear, distillation_loss, qat_finetune
@@ -80,16 +82,7 @@ def test_bad_input_rejected():
 def test_qat_lowers_the_distillation_loss_on_smollm2_layers():
     """The first two decoder layers of SmolLM2-135M (under its lm_head), 3-bit g64, trained on
     SOTU text before 1990 and compared on addresses from 1990 on."""
-    from slimserve.eval.datasets import load_text
-    from slimserve.models.loader import load_model, load_tokenizer
-
-    model = load_model("smollm2-135m", torch.float32)
-    model.model.layers = model.model.layers[:2]
-    tokenizer = load_tokenizer("smollm2-135m")
-    calib_ids = tokenizer.encode(load_text("sotu-calib")[:20000], add_special_tokens=False)
-    eval_ids = tokenizer.encode(load_text("sotu")[:8000], add_special_tokens=False)
-    calib = [torch.tensor(calib_ids[i * 128 : (i + 1) * 128]) for i in range(20)]
-    held_out = [torch.tensor(eval_ids[i * 256 : (i + 1) * 256]) for i in range(2)]
+    model, calib, held_out = smollm2_two_layers(num_calib=20, calib_len=128)
     config = QuantConfig(method="qat", bits=3, group_size=64, skip=["embed_tokens", "lm_head"])
     rtn = quantize_model(copy.deepcopy(model), config)
     qat = qat_finetune(copy.deepcopy(model), calib, config, steps=20)
