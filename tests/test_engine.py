@@ -153,6 +153,24 @@ def test_greedy_matches_transformers_with_chunked_prefill(tiny):
     assert num_mixed > 0
 
 
+def test_compiled_decode_matches_transformers(tiny):
+    """compile=True: decode-only steps of one and of several sequences run as compiled graphs."""
+    folder, hf = tiny
+    engine = tiny_engine(folder, block_size=4, max_num_batched_tokens=32, compile=True)
+    runner = engine.model_runner
+    batch_sizes = []
+    compiled = runner.compiled_decode
+
+    def counting(input_ids, *args):
+        batch_sizes.append(input_ids.shape[0])
+        return compiled(input_ids, *args)
+
+    runner.compiled_decode = counting
+    check_greedy_parity(engine, hf, random_prompts(16, 3, 60), num_tokens=10)
+    assert 1 in batch_sizes and max(batch_sizes) > 1
+    assert engine.stats().kv_cache_usage == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_greedy_parity_and_seeded_sampling_on_cuda(tiny):

@@ -5,8 +5,16 @@ import torch
 from torch import nn
 
 from slimserve.config import QuantConfig
+from slimserve.kernels.gemv import gemv
+from slimserve.models import inference_linear
 from slimserve.models.attention import AttentionMetadata
-from slimserve.models.inference_linear import PackedLinear, merge_linears, pack_linears, prepare_for_inference
+from slimserve.models.inference_linear import (
+    GemvLinear,
+    PackedLinear,
+    merge_linears,
+    prepare_for_inference,
+    replace_linears,
+)
 from slimserve.models.llama import LlamaArgs, LlamaForCausalLM
 from slimserve.quant.qlinear import QuantLinear, quantize_model
 
@@ -20,6 +28,24 @@ def test_packed_linear_matches_linear(dtype, atol, bias, rows):
     x = torch.randn(rows, 96, dtype=dtype)
     with torch.no_grad():
         torch.testing.assert_close(PackedLinear(linear)(x), linear(x), atol=atol, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_compiled_gemv_linear_matches_linear(dtype, atol, monkeypatch):
+    """One row under torch.compile runs kernels.gemv, two rows F.linear; both give the layer's output."""
+    traced = []
+    monkeypatch.setattr(inference_linear, "gemv", lambda *args, **kwargs: traced.append(args) or gemv(*args, **kwargs))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 80).to(dtype))
+    reference = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    replace_linears(model, compiled=True)
+    assert type(model[0]) is GemvLinear
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    for rows in (1, 2):
+        x = torch.randn(rows, 96, dtype=dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), nn.functional.linear(x, *reference), atol=atol, rtol=1e-2)
+    assert len(traced) == 1  # traced for the one-row graph only
 
 
 def test_merged_linear_is_the_concatenation():
@@ -36,7 +62,7 @@ def test_layers_with_and_without_bias_are_not_merged():
 
 def test_pack_linears_leaves_other_modules():
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8).half())
-    pack_linears(model)
+    replace_linears(model, compiled=False)
     assert [type(m) for m in model] == [PackedLinear, nn.LayerNorm, nn.Linear]  # fp16 has no packed path
 
 

@@ -4,6 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimserve.config import QuantConfig
+from slimserve.kernels.gemv import gemv
+from slimserve.quant import qlinear
 from slimserve.quant.packing import int4_cpu_layout_known, pack_bits
 from slimserve.quant.qlinear import PACKED_CPU_MAX_ROWS, Kernel, QuantLinear, quantize_model
 from slimserve.quant.rtn import dequantize_weight, quantize_weight
@@ -61,6 +63,21 @@ def test_int4_per_channel_on_576_columns_uses_64_column_kernel_groups():
     x = inputs((3, 576), torch.bfloat16)
     reference = F.linear(x, module.dequantize(), layer.bias)
     torch.testing.assert_close(module(x), reference, **TOLERANCES[torch.bfloat16])
+
+
+def test_compiled_one_row_int8_matches_packed_kernel(monkeypatch):
+    """Under torch.compile one row of an INT8_CPU layer runs kernels.gemv on the same int8 weight."""
+    traced = []
+    monkeypatch.setattr(qlinear, "gemv", lambda *args: traced.append(args) or gemv(*args))
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(128, 48).to(torch.bfloat16), QuantConfig(bits=8, group_size=-1))
+    assert layer.kernel is Kernel.INT8_CPU
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True, dynamic=False)(x)
+    torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=1e-2)
+    assert len(traced) == 1
 
 
 def test_dequantized_weight_is_rtn_result():

@@ -139,12 +139,15 @@ def _ints(csv: str) -> list[int]:
     return [int(x) for x in csv.split(",")]
 
 
-def _engine(model: str, dtype: str, device: str):
+CompileOption = Annotated[bool, typer.Option(help="Run decode steps as torch.compile graphs (compiles first).")]
+
+
+def _engine(model: str, dtype: str, device: str, compile: bool):
     from slimserve.config import EngineConfig
     from slimserve.engine.llm_engine import LLMEngine
 
     # Benchmarks repeat prompts across runs: prefix-cache hits would time a cache lookup, not a prefill.
-    return LLMEngine(EngineConfig(model, dtype=dtype, device=device, enable_prefix_caching=False))
+    return LLMEngine(EngineConfig(model, dtype=dtype, device=device, enable_prefix_caching=False, compile=compile))
 
 
 @bench_app.command()
@@ -155,6 +158,7 @@ def latency(
     output_len: int = 32,
     dtype: str = "fp32",
     device: str = "cpu",
+    compile: CompileOption = False,
     out: Annotated[Path, typer.Option(help="Folder for latency.md and latency.png.")] = Path("report"),
 ):
     """Batches of equal prompts submitted together: TTFT and decode tok/s per batch size and length."""
@@ -162,7 +166,8 @@ def latency(
     from slimserve.eval.machine import machine_info
 
     try:
-        rows = bench_latency(_engine(model, dtype, device), _ints(batch_sizes), _ints(seq_lengths), output_len)
+        rows = bench_latency(_engine(model, dtype, device, compile), _ints(batch_sizes), _ints(seq_lengths),
+                             output_len)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
     out.mkdir(parents=True, exist_ok=True)
@@ -181,6 +186,7 @@ def throughput(
     output_len: int = 64,
     dtype: str = "fp32",
     device: str = "cpu",
+    compile: CompileOption = False,
     out: Annotated[Path, typer.Option(help="Folder for throughput.md.")] = Path("report"),
 ):
     """num_prompts requests submitted at once: output tokens and requests per second."""
@@ -188,7 +194,7 @@ def throughput(
     from slimserve.eval.machine import machine_info
 
     try:
-        result = bench_throughput(_engine(model, dtype, device), num_prompts, input_len, output_len)
+        result = bench_throughput(_engine(model, dtype, device, compile), num_prompts, input_len, output_len)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
     line = (f"{result.num_prompts} requests ({input_len} in, {output_len} out) in {result.seconds:.2f} s: "
@@ -245,6 +251,7 @@ def serve(
     max_model_len: int | None = None,
     enable_prefix_caching: Annotated[bool, typer.Option(help="Reuse the KV cache of repeated prompt prefixes.")]
     = True,
+    compile: CompileOption = False,
 ):
     """Serve MODEL behind the OpenAI-compatible API, with /metrics and the playground at /."""
     from slimserve.serve.server import serve as run_server
@@ -254,7 +261,7 @@ def serve(
         config = ServeConfig(host=host, port=port, api_keys=api_key or [], metrics_public=metrics_public,
                              max_waiting=max_waiting, drain_timeout=drain_timeout)
         run_server(model, config, dtype=dtype, device=device, max_model_len=max_model_len,
-                   enable_prefix_caching=enable_prefix_caching)
+                   enable_prefix_caching=enable_prefix_caching, compile=compile)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
 
@@ -271,4 +278,4 @@ def run(
     typer.echo(f"\nserving {model} (bf16) with the playground at http://127.0.0.1:{port}/ (Ctrl-C drains and stops)")
     serve(model, port=port, dtype="bf16", host=_SERVE.host, api_key=None, metrics_public=_SERVE.metrics_public,
           max_waiting=_SERVE.max_waiting, drain_timeout=_SERVE.drain_timeout, device="cpu", max_model_len=None,
-          enable_prefix_caching=True)
+          enable_prefix_caching=True, compile=False)

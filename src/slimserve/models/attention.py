@@ -10,7 +10,6 @@ the blocks holding its context in order, and slot_mapping gives each new token i
 keys already laid out per head, (Hkv, L, D), for the attention matmuls: no copy to transpose.
 """
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -24,11 +23,15 @@ class AttentionMetadata:
 
     cu_seqlens_q: S+1 ints, prefix sums of the new (query) tokens per sequence.
     context_lens: S ints, tokens each sequence attends to after this step (cached + new).
+        Empty for a decode-only batch run as one compiled graph, which gives decode_context_lens.
     slot_mapping: (T,) int64 cache slot of each new token, or None to run without a cache.
     block_tables: (S, max_blocks) int64, or None without a cache; -1 pads unused entries.
     kv_cache: (num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim), or None.
     num_decode_seqs: the first num_decode_seqs sequences have one new token each; with a cache
         they are attended in one batched call instead of one call per sequence.
+    decode_context_lens: (num_decode_seqs,) int64 tensor, or None: given by a compiled decode
+        step, whose block_tables are then exactly as wide as its longest context. A compiled
+        graph takes python ints as constants, so lengths that change every step come as a tensor.
     """
 
     cu_seqlens_q: list[int]
@@ -37,26 +40,37 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     kv_cache: torch.Tensor | None = None
     num_decode_seqs: int = 0
+    decode_context_lens: torch.Tensor | None = None
+    _decode_layout: tuple | None = field(default=None, repr=False)
     _decode_biases: dict = field(default_factory=dict, repr=False)
 
-    @functools.cached_property
     def decode_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Shared by every layer of a step: the decode sequences' block tables cut to the longest
         context (padding -1 read as block 0: those positions are masked), key positions (L,), and
-        context lengths (n, 1) for masking."""
+        context lengths (n, 1) for masking. Made once per step (not a cached_property: its lock
+        would stop torch.compile's tracing)."""
+        if self._decode_layout is None:
+            self._decode_layout = self._make_decode_layout()
+        return self._decode_layout
+
+    def _make_decode_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.num_decode_seqs
         assert n and self.cu_seqlens_q[n] == n, "decode sequences come first, one token each"
         block_size = self.kv_cache.shape[4]
-        context_lens = self.context_lens[:n]
-        num_blocks = -(-max(context_lens) // block_size)
         device = self.block_tables.device
+        context_lens = self.decode_context_lens
+        if context_lens is None:
+            context_lens = torch.tensor(self.context_lens[:n], device=device)
+            num_blocks = -(-max(self.context_lens[:n]) // block_size)
+        else:
+            num_blocks = self.block_tables.shape[1]
         return (self.block_tables[:n, :num_blocks].clamp(min=0), torch.arange(num_blocks * block_size, device=device),
-                torch.tensor(context_lens, device=device)[:, None])
+                context_lens[:, None])
 
     def decode_bias(self, sliding_window: int | None) -> torch.Tensor:
         """(n, 1, L) float32: 0 where a decode query may attend, -inf elsewhere; made once per step."""
         if sliding_window not in self._decode_biases:
-            _, key_positions, context_lens = self.decode_layout
+            _, key_positions, context_lens = self.decode_layout()
             allowed = key_positions < context_lens
             if sliding_window is not None:
                 allowed &= key_positions >= context_lens - sliding_window
@@ -74,7 +88,7 @@ class AttentionMetadata:
 
     @property
     def num_seqs(self) -> int:
-        return len(self.context_lens)
+        return len(self.cu_seqlens_q) - 1
 
 
 class PagedAttention(nn.Module):
@@ -93,8 +107,8 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: (T, H, D); k, v: (T, Hkv, D) for the new tokens. Returns (T, H, D)."""
         if meta.kv_cache is not None:
+            torch.ops.slimserve.store_kv(k, v, meta.kv_cache, self.layer_idx, meta.slot_mapping)
             k_cache, v_cache = meta.kv_cache[self.layer_idx]  # (Hkv, num_blocks, block_size, D)
-            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         n = meta.num_decode_seqs if meta.kv_cache is not None else 0
         if n:
@@ -119,7 +133,7 @@ class PagedAttention(nn.Module):
         kernels are built for blocks of queries, and on the CPU this is faster for one query per
         sequence (and 3-4x faster than their bf16 path).
         """
-        block_tables, _, _ = meta.decode_layout
+        block_tables, _, _ = meta.decode_layout()
         n, Hkv, D = q.shape[0], self.num_kv_heads, self.head_dim
         k = gather_blocks(k_cache, block_tables).float()  # (Hkv, n, L, D)
         v = gather_blocks(v_cache, block_tables).float()
@@ -145,12 +159,24 @@ class PagedAttention(nn.Module):
         return out.transpose(0, 1)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int,
              slot_mapping: torch.Tensor) -> None:
-    """Write new keys/values (T, Hkv, D) into their cache slots; caches are (Hkv, num_blocks, block_size, D)."""
-    num_kv_heads, num_blocks, block_size, head_dim = k_cache.shape
-    k_cache.view(num_kv_heads, num_blocks * block_size, head_dim)[:, slot_mapping] = k.transpose(0, 1)
-    v_cache.view(num_kv_heads, num_blocks * block_size, head_dim)[:, slot_mapping] = v.transpose(0, 1)
+    """Write new keys/values (T, Hkv, D) into their slots of layer layer_idx of the cache."""
+    _, _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
+    k_cache, v_cache = kv_cache[layer_idx].view(2, num_kv_heads, num_blocks * block_size, head_dim)
+    k_cache[:, slot_mapping] = k.transpose(0, 1)
+    v_cache[:, slot_mapping] = v.transpose(0, 1)
+
+
+# store_kv as an operator opaque to torch.compile, which then leaves the write in place: traced,
+# the write into the cache (a graph input) would become a copy of the whole cache per layer and step.
+# Defined through torch.library's low-level API, whose dispatch costs a few µs per call where
+# torch.library.custom_op's Python wrappers cost about 80.
+_library = torch.library.Library("slimserve", "DEF")
+_library.define("store_kv(Tensor k, Tensor v, Tensor(a!) kv_cache, int layer_idx, Tensor slot_mapping) -> ()")
+_library.impl("store_kv", store_kv, "CompositeExplicitAutograd")
+torch.library.register_fake("slimserve::store_kv", lambda k, v, kv_cache, layer_idx, slot_mapping: None,
+                            lib=_library)
 
 
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,14 @@
 
 - Fusing: projections that read the same input (q/k/v, gate/up) become one layer whose output is
   theirs stacked along out_features, so a step makes one larger matmul instead of several small ones.
-- Prepacking (CPU, fp32/bf16): oneDNN's blocked weight layout, reordered once at load, the way
+- Prepacking (CPU, fp32/bf16, eager): oneDNN's blocked weight layout, reordered once at load, the way
   torch.compile's freezing does it. At batch 1 torch's F.linear runs fp32 GEMV on one thread;
   the prepacked inner product uses every thread and streams the weights in order: SmolLM2's layers
   decode 1.5x (fp32) and 1.3x (bf16) faster (benchmarks/results/engine_cpu.md).
+
+- For a compiled decode step (EngineConfig.compile) the weights stay plain, since a compiled graph
+  cannot take oneDNN's opaque packed tensors: GemvLinear runs one row as kernels.gemv inside the
+  graph, more rows through F.linear.
 
 The model keeps its module names for the layers that were not fused; fused and packed models are
 for running only (no state_dict round trip, no quantization afterwards).
@@ -14,6 +18,7 @@ for running only (no state_dict round trip, no quantization afterwards).
 import torch
 from torch import nn
 
+from slimserve.kernels.gemv import gemv, use_gemv
 from slimserve.quant.qlinear import QuantLinear
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
@@ -56,23 +61,38 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.packed.dtype}"
 
 
+class GemvLinear(nn.Linear):
+    """nn.Linear whose one-row products, under torch.compile, stream the weight once (kernels.gemv)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_gemv(x):
+            return gemv(x, self.weight, bias=self.bias)
+        return super().forward(x)
+
+
 def can_pack(module: nn.Module) -> bool:
     return (type(module) is nn.Linear and module.weight.device.type == "cpu"
             and module.weight.dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available())
 
 
-def pack_linears(model: nn.Module) -> None:
-    """Replace every plain CPU fp32/bf16 nn.Linear by a PackedLinear, in place."""
+def replace_linears(model: nn.Module, compiled: bool) -> None:
+    """Replace every plain CPU fp32/bf16 nn.Linear, in place: by a PackedLinear to run eagerly, or
+    by a GemvLinear sharing its parameters to run compiled."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
-            if can_pack(child):
+            if not can_pack(child):
+                continue
+            if compiled:
+                child.__class__ = GemvLinear
+            else:
                 setattr(parent, name, PackedLinear(child))
 
 
-def prepare_for_inference(model: nn.Module) -> nn.Module:
-    """Fuse the projections the architecture allows, then prepack for the CPU; returns the model."""
+def prepare_for_inference(model: nn.Module, compiled: bool = False) -> nn.Module:
+    """Fuse the projections the architecture allows, then prepare the linears for eager or compiled
+    CPU runs; returns the model."""
     for module in model.modules():
         if hasattr(module, "fuse_projections"):
             module.fuse_projections()
-    pack_linears(model)
+    replace_linears(model, compiled)
     return model

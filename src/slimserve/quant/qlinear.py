@@ -15,7 +15,8 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
 - REF: dequantize, then F.linear: 3/2-bit, asymmetric 8-bit, odd groups, fp32/fp16 activations,
   every non-CPU device (CUDA for now).
 
-INT8_CPU and INT4_CPU run their packed kernel up to PACKED_CPU_MAX_ROWS rows (decode); for more
+INT8_CPU and INT4_CPU run their packed kernel up to PACKED_CPU_MAX_ROWS rows (decode); one row of
+INT8_CPU inside a compiled graph runs kernels.gemv on the same int8 weight instead; for more
 rows (prefill) they dequantize the weight to bf16 and run a bf16 GEMM. Both are weight-only:
 activations stay in bf16.
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimserve.config import QuantConfig
+from slimserve.kernels.gemv import gemv, use_gemv
 from slimserve.quant.packing import (
     int4_cpu_layout_known,
     pack_bits,
@@ -298,7 +300,9 @@ class QuantLinear(nn.Module):
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         x2 = x2.contiguous()
-        if x2.shape[0] > PACKED_CPU_MAX_ROWS.get(self.kernel, x2.shape[0]):
+        if self.kernel is Kernel.INT8_CPU and use_gemv(x2):
+            y = gemv(x2, self.qweight, self.scales)
+        elif x2.shape[0] > PACKED_CPU_MAX_ROWS.get(self.kernel, x2.shape[0]):
             y = self._dequantized_mm(x2)
         elif self.kernel is Kernel.INT4_CPU:
             kernel_group = self.in_features // self.scales_and_zeros.shape[0]
