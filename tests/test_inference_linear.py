@@ -8,13 +8,7 @@ from slimserve.config import QuantConfig
 from slimserve.kernels.gemv import gemv
 from slimserve.models import inference_linear
 from slimserve.models.attention import AttentionMetadata
-from slimserve.models.inference_linear import (
-    GemvLinear,
-    PackedLinear,
-    merge_linears,
-    prepare_for_inference,
-    replace_linears,
-)
+from slimserve.models.inference_linear import PackedLinear, merge_linears, pack_linears, prepare_for_inference
 from slimserve.models.llama import LlamaArgs, LlamaForCausalLM
 from slimserve.quant.qlinear import QuantLinear, quantize_model
 
@@ -31,21 +25,18 @@ def test_packed_linear_matches_linear(dtype, atol, bias, rows):
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_compiled_gemv_linear_matches_linear(dtype, atol, monkeypatch):
-    """One row under torch.compile runs kernels.gemv, two rows F.linear; both give the layer's output."""
+def test_compiled_one_row_of_a_packed_linear_runs_gemv_on_its_plain_weight(dtype, atol, monkeypatch):
     traced = []
     monkeypatch.setattr(inference_linear, "gemv", lambda *args, **kwargs: traced.append(args) or gemv(*args, **kwargs))
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(96, 80).to(dtype))
-    reference = model[0].weight.detach().clone(), model[0].bias.detach().clone()
-    replace_linears(model, compiled=True)
-    assert type(model[0]) is GemvLinear
-    compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    for rows in (1, 2):
-        x = torch.randn(rows, 96, dtype=dtype)
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(x), nn.functional.linear(x, *reference), atol=atol, rtol=1e-2)
-    assert len(traced) == 1  # traced for the one-row graph only
+    linear = nn.Linear(96, 80).to(dtype)
+    packed = PackedLinear(linear, keep_weight=True)
+    x = torch.randn(1, 96, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(packed, fullgraph=True, dynamic=False)(x), linear(x),
+                                   atol=atol, rtol=1e-2)
+        torch.testing.assert_close(packed(torch.randn(2, 96, dtype=dtype)).shape, torch.Size([2, 80]))
+    assert len(traced) == 1
 
 
 def test_merged_linear_is_the_concatenation():
@@ -62,7 +53,7 @@ def test_layers_with_and_without_bias_are_not_merged():
 
 def test_pack_linears_leaves_other_modules():
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8).half())
-    replace_linears(model, compiled=False)
+    pack_linears(model)
     assert [type(m) for m in model] == [PackedLinear, nn.LayerNorm, nn.Linear]  # fp16 has no packed path
 
 

@@ -31,8 +31,9 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = torch_dtype(config.dtype)
         self.model = prepare_for_inference(load_model(config.model, self.dtype, self.device), config.compile)
-        # Decode-only steps as one graph each: batch size and context length are dynamic dimensions,
-        # so a handful of graphs (one row, several rows; one block, several) serve every step.
+        # Batch-1 decode steps as one graph (the context length is a dynamic dimension): there the
+        # eager step's per-op overhead and oneDNN's GEMV leave half the memory bandwidth unused.
+        # Steps of several rows stay eager, where the packed GEMMs are faster than in a graph.
         self.compiled_decode = torch.compile(self._decode, options=DECODE_GRAPH_OPTIONS) if config.compile else None
         self.vocab_size: int = self.model.args.vocab_size
         self.block_size = config.block_size
@@ -111,12 +112,11 @@ class ModelRunner:
         # The scheduler lists decodes first; any leading run of one-token sequences takes the batched path.
         num_decode_seqs = next((i for i, n in enumerate(scheduled.num_scheduled_tokens) if n != 1), len(scheduled.seqs))
         rows = [i for i, seq in enumerate(scheduled.seqs) if context_lens[i] == len(seq)]  # those sampling now
-        if self.compiled_decode is not None and num_decode_seqs == len(rows) == len(scheduled.seqs) and not any(
-                seq.sampling_params.prompt_logprobs is not None for seq in scheduled.seqs):
+        if (self.compiled_decode is not None and len(input_ids) == len(rows) == 1
+                and scheduled.seqs[0].sampling_params.prompt_logprobs is None):
             tensors = [self._tensor(values) for values in (input_ids, positions, slot_mapping, block_tables, context_lens)]
-            for tensor in tensors:
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
-            torch._dynamo.maybe_mark_dynamic(tensors[3], 1)
+            if max_blocks > 1:  # one graph for every longer context; a 1 would be specialized anyway
+                torch._dynamo.mark_dynamic(tensors[3], 1)
             return self._sample(scheduled.seqs, self.compiled_decode(*tensors))
         meta = AttentionMetadata(cu_seqlens_q, context_lens, self._tensor(slot_mapping), self._tensor(block_tables),
                                  self.kv_cache, num_decode_seqs)

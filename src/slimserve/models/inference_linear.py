@@ -2,14 +2,12 @@
 
 - Fusing: projections that read the same input (q/k/v, gate/up) become one layer whose output is
   theirs stacked along out_features, so a step makes one larger matmul instead of several small ones.
-- Prepacking (CPU, fp32/bf16, eager): oneDNN's blocked weight layout, reordered once at load, the way
+- Prepacking (CPU, fp32/bf16): oneDNN's blocked weight layout, reordered once at load, the way
   torch.compile's freezing does it. At batch 1 torch's F.linear runs fp32 GEMV on one thread;
   the prepacked inner product uses every thread and streams the weights in order: SmolLM2's layers
   decode 1.5x (fp32) and 1.3x (bf16) faster (benchmarks/results/engine_cpu.md).
-
-- For a compiled decode step (EngineConfig.compile) the weights stay plain, since a compiled graph
-  cannot take oneDNN's opaque packed tensors: GemvLinear runs one row as kernels.gemv inside the
-  graph, more rows through F.linear.
+- For a compiled engine (EngineConfig.compile), whose batch-1 decode step is one torch.compile
+  graph, packed layers keep their plain weight as well: kernels.gemv reads it inside that graph.
 
 The model keeps its module names for the layers that were not fused; fused and packed models are
 for running only (no state_dict round trip, no quantization afterwards).
@@ -46,28 +44,28 @@ def merge_linears(layers: list[nn.Module]) -> nn.Module | None:
 
 
 class PackedLinear(nn.Module):
-    """y = x Wᵀ + b with W held in oneDNN's prepacked layout (CPU, fp32 or bf16)."""
+    """y = x Wᵀ + b with W held in oneDNN's prepacked layout (CPU, fp32 or bf16).
 
-    def __init__(self, linear: nn.Linear):
+    With keep_weight (a compiled engine), the plain weight stays too, for the one-row decode graph:
+    there kernels.gemv streams it faster than oneDNN's GEMV, and a compiled graph cannot take the
+    opaque packed tensor. The layer then holds its weight twice.
+    """
+
+    def __init__(self, linear: nn.Linear, keep_weight: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.weight = linear.weight.detach() if keep_weight else None
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None and use_gemv(x):
+            return gemv(x, self.weight, bias=self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.packed.dtype}"
-
-
-class GemvLinear(nn.Linear):
-    """nn.Linear whose one-row products, under torch.compile, stream the weight once (kernels.gemv)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_gemv(x):
-            return gemv(x, self.weight, bias=self.bias)
-        return super().forward(x)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, packed={self.packed.dtype}, "
+                f"plain_weight={self.weight is not None}")
 
 
 def can_pack(module: nn.Module) -> bool:
@@ -75,24 +73,19 @@ def can_pack(module: nn.Module) -> bool:
             and module.weight.dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available())
 
 
-def replace_linears(model: nn.Module, compiled: bool) -> None:
-    """Replace every plain CPU fp32/bf16 nn.Linear, in place: by a PackedLinear to run eagerly, or
-    by a GemvLinear sharing its parameters to run compiled."""
+def pack_linears(model: nn.Module, keep_weights: bool = False) -> None:
+    """Replace every plain CPU fp32/bf16 nn.Linear by a PackedLinear, in place."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
-            if not can_pack(child):
-                continue
-            if compiled:
-                child.__class__ = GemvLinear
-            else:
-                setattr(parent, name, PackedLinear(child))
+            if can_pack(child):
+                setattr(parent, name, PackedLinear(child, keep_weights))
 
 
 def prepare_for_inference(model: nn.Module, compiled: bool = False) -> nn.Module:
-    """Fuse the projections the architecture allows, then prepare the linears for eager or compiled
-    CPU runs; returns the model."""
+    """Fuse the projections the architecture allows, then prepack for the CPU (keeping the plain
+    weights too for a compiled engine's one-row graph); returns the model."""
     for module in model.modules():
         if hasattr(module, "fuse_projections"):
             module.fuse_projections()
-    replace_linears(model, compiled)
+    pack_linears(model, keep_weights=compiled)
     return model
