@@ -83,8 +83,9 @@ def hf_runner(model):
 
 
 def measure(name: str, run, bs1_prompt, concurrent, ttft_prompt, repeats: int, batched: bool = True) -> dict:
-    run([bs1_prompt], 4)  # warm-up
-    row = {"engine": name, "bs1": decode_rate(run, bs1_prompt, repeats)}
+    # Warm-up, which also compiles slimserve's batch-1 decode graph when compile=True.
+    warmup = timed(lambda: (run([bs1_prompt], 4), batched and run(concurrent, 2)))
+    row = {"engine": name, "warmup_s": warmup, "bs1": decode_rate(run, bs1_prompt, repeats)}
     row["ttft_ms"] = 1e3 * statistics.median(timed(lambda: run([ttft_prompt], 1)) for _ in range(repeats))
     if batched:
         seconds = statistics.median(timed(lambda: run(concurrent, NEW_TOKENS)) for _ in range(max(1, repeats - 1)))
@@ -128,15 +129,19 @@ def main() -> None:
     profiles = []
     for precision, (quant_config, gguf_type) in PRECISIONS.items():
         dtype = precision if quant_config is None else "bf16"
-        # No prefix caching: the runs repeat their prompts, and llama.cpp clears its cache every run.
-        llm = LLM(str(slimserve_weights(gguf, precision, quant_config)), dtype=dtype, enable_prefix_caching=False)
-        bs1, ttft = prompts_from_corpus(llm.tokenizer, 1, 32)[0], prompts_from_corpus(llm.tokenizer, 1, 128)[0]
-        concurrent = prompts_from_corpus(llm.tokenizer, NUM_CONCURRENT, 64)
-        run = slimserve_runner(llm)
-        rows.append(measure(f"slimserve {precision}", run, bs1, concurrent, ttft, args.repeats))
-        if precision == "bf16":
-            profiles += [profile(f"slimserve bf16, bs1 decode of {NEW_TOKENS} tokens", lambda: run([bs1], NEW_TOKENS)),
-                         profile(f"slimserve bf16, {NUM_CONCURRENT} concurrent", lambda: run(concurrent, NEW_TOKENS))]
+        for compiled in (False, True):
+            # No prefix caching: the runs repeat their prompts, and llama.cpp clears its cache every run.
+            llm = LLM(str(slimserve_weights(gguf, precision, quant_config)), dtype=dtype, enable_prefix_caching=False,
+                      compile=compiled)
+            bs1, ttft = prompts_from_corpus(llm.tokenizer, 1, 32)[0], prompts_from_corpus(llm.tokenizer, 1, 128)[0]
+            concurrent = prompts_from_corpus(llm.tokenizer, NUM_CONCURRENT, 64)
+            run = slimserve_runner(llm)
+            name = f"slimserve {precision}" + (" compiled" if compiled else "")
+            rows.append(measure(name, run, bs1, concurrent, ttft, args.repeats))
+            if precision == "bf16":
+                profiles += [profile(f"{name}, bs1 decode of {NEW_TOKENS} tokens", lambda: run([bs1], NEW_TOKENS)),
+                             profile(f"{name}, {NUM_CONCURRENT} concurrent", lambda: run(concurrent, NEW_TOKENS))]
+            del llm
         peer = LlamaCppPeer(requantize(gguf, gguf_type, cache_dir() / "bench"), args.threads, NUM_CONCURRENT)
         rows.append(measure(f"llama.cpp {gguf_type.upper()}", llamacpp_runner(peer), bs1, concurrent, ttft,
                             args.repeats))
@@ -158,24 +163,28 @@ def main() -> None:
         "together, generated tokens / wall time; TTFT = one 128-token prompt to its first token. Median of "
         f"{args.repeats} repetitions. transformers runs requests one by one (no batched concurrent row). "
         "slimserve int8 / int4: RTN from the same fp32 weights, per output channel / groups of 32, symmetric, "
-        "bf16 activations (torch's packed int8 / int4 CPU kernels); llama.cpp Q8_0 / Q4_0: blocks of 32.",
+        "bf16 activations (torch's packed int8 / int4 CPU kernels); llama.cpp Q8_0 / Q4_0: blocks of 32. "
+        "'compiled' = `compile=True`: batch-1 decode steps run as one torch.compile graph (prefill and "
+        "batched steps stay eager); "
+        "the warm-up column holds their compile time, excluded from the other columns.",
         "",
-        "| engine | bs1 decode tok/s | 32 concurrent tok/s | TTFT 128 ms |",
-        "|---|---|---|---|",
+        "| engine | bs1 decode tok/s | 32 concurrent tok/s | TTFT 128 ms | warm-up s |",
+        "|---|---|---|---|---|",
     ]
     for r in rows:
         concurrent = f"{r['concurrent']:.1f}" if "concurrent" in r else "—"
-        lines.append(f"| {r['engine']} | {r['bs1']:.1f} | {concurrent} | {r['ttft_ms']:.1f} |")
+        lines.append(f"| {r['engine']} | {r['bs1']:.1f} | {concurrent} | {r['ttft_ms']:.1f} | {r['warmup_s']:.0f} |")
     lines += ["", "Ratios against the issue's targets (bs1 ≥ 1.0x llama.cpp and ≥ 3x transformers, 32 concurrent "
               "≥ 3x llama.cpp, TTFT < 100 ms):", "", "| precision | bs1 / llama.cpp | bs1 / transformers | "
               "concurrent / llama.cpp | TTFT ms |", "|---|---|---|---|---|"]
     by_name = {r["engine"]: r for r in rows}
     for precision, (_, gguf_type) in PRECISIONS.items():
-        ours, peer = by_name[f"slimserve {precision}"], by_name[f"llama.cpp {gguf_type.upper()}"]
-        hf = by_name.get(f"transformers {precision}")
-        vs_hf = f"{ours['bs1'] / hf['bs1']:.2f}x" if hf else "—"
-        lines.append(f"| {precision} | {ours['bs1'] / peer['bs1']:.2f}x | {vs_hf} | "
-                     f"{ours['concurrent'] / peer['concurrent']:.2f}x | {ours['ttft_ms']:.0f} |")
+        peer, hf = by_name[f"llama.cpp {gguf_type.upper()}"], by_name.get(f"transformers {precision}")
+        for variant in (precision, f"{precision} compiled"):
+            ours = by_name[f"slimserve {variant}"]
+            vs_hf = f"{ours['bs1'] / hf['bs1']:.2f}x" if hf else "—"
+            lines.append(f"| {variant} | {ours['bs1'] / peer['bs1']:.2f}x | {vs_hf} | "
+                         f"{ours['concurrent'] / peer['concurrent']:.2f}x | {ours['ttft_ms']:.0f} |")
     lines += ["", "## Where slimserve's time goes", ""] + [p + "\n" for p in profiles]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
