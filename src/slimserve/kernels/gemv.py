@@ -2,9 +2,10 @@
 
 At one row (batch-1 decode) a linear layer's time is the time to read its weight. Written as a
 multiply and a sum over in_features, inductor emits one vectorized loop per output row that
-widens the stored weight (fp32, bf16 or int8) to fp32 in registers and streams it once:
-SmolLM2-135M's 30 layers read at 23-24 GB/s on 2 Zen 4 cores, against 12-18 GB/s for oneDNN's
-GEMV and torch's int8 kernel, one call at a time (benchmarks/results/engine_cpu.md).
+widens the stored weight (fp32, bf16 or int8) to fp32 in registers and streams it once. The
+projections of SmolLM2-135M's 30 layers, compiled into one graph, read their weights at 23-24 GB/s
+on 2 Zen 4 cores, where oneDNN's GEMV and torch's int8 kernel, called one by one, read 12-18 GB/s;
+whole-step effect in benchmarks/results/engine_cpu.md.
 
 Run eagerly, the same expression would build the whole (out, in) product in memory, so layers use
 it only while torch.compile traces them (`use_gemv`). At two rows or more, inductor's loops re-read
