@@ -155,7 +155,7 @@ def test_greedy_matches_transformers_with_chunked_prefill(tiny):
 
 def test_compiled_decode_matches_transformers(tiny):
     """compile=True: batch-1 decode steps run as a compiled graph (contexts of one block and of
-    many), the others eagerly; greedy tokens equal transformers' either way."""
+    many; warm_up compiles both), the others eagerly; greedy tokens equal transformers' either way."""
     folder, hf = tiny
     engine = tiny_engine(folder, block_size=4, max_num_batched_tokens=32, compile=True)
     runner = engine.model_runner
@@ -167,10 +167,15 @@ def test_compiled_decode_matches_transformers(tiny):
         return compiled(input_ids, *args)
 
     runner.compiled_decode = counting
+    engine.warm_up()
+    assert batch_sizes == [1, 1] and not runner.kv_cache.any()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    batch_sizes.clear()
     prompt = random_prompts(1, 2, 2, seed=17)[0]
     out = generate_one(engine, prompt, SamplingParams(max_tokens=30, **GREEDY))
     assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 30)
     assert batch_sizes == [1] * 29  # every step after the prompt's
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # warm_up compiled them all
     check_greedy_parity(engine, hf, random_prompts(16, 3, 60), num_tokens=10)
     assert engine.stats().kv_cache_usage == 0
 

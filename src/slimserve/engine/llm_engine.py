@@ -150,6 +150,10 @@ class LLMEngine:
         if request is not None:
             self.model_runner.free(self.scheduler.abort(request_id))
 
+    def warm_up(self) -> None:
+        """Compile what compile=True compiles before the first request (a no-op otherwise)."""
+        self.model_runner.warm_up()
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 

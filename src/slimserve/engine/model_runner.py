@@ -114,10 +114,8 @@ class ModelRunner:
         rows = [i for i, seq in enumerate(scheduled.seqs) if context_lens[i] == len(seq)]  # those sampling now
         if (self.compiled_decode is not None and len(input_ids) == len(rows) == 1
                 and scheduled.seqs[0].sampling_params.prompt_logprobs is None):
-            tensors = [self._tensor(values) for values in (input_ids, positions, slot_mapping, block_tables, context_lens)]
-            if max_blocks > 1:  # one graph for every longer context; a 1 would be specialized anyway
-                torch._dynamo.mark_dynamic(tensors[3], 1)
-            return self._sample(scheduled.seqs, self.compiled_decode(*tensors))
+            return self._sample(scheduled.seqs, self._run_compiled(input_ids, positions, slot_mapping, block_tables,
+                                                                   context_lens))
         meta = AttentionMetadata(cu_seqlens_q, context_lens, self._tensor(slot_mapping), self._tensor(block_tables),
                                  self.kv_cache, num_decode_seqs)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta)  # (T, hidden)
@@ -133,6 +131,24 @@ class ModelRunner:
         for i, token_id, logprobs in zip(rows, out.token_ids, out.logprobs):
             sampled.token_ids[i], sampled.logprobs[i] = token_id, logprobs
         return sampled
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile the batch-1 decode graphs now (contexts of one block and of more) rather than at the
+        first request's first step; the cache is zeroed again afterwards."""
+        if self.compiled_decode is None:
+            return
+        for num_blocks in (1, 2):
+            last = num_blocks * self.block_size - 1  # the slot of the last position, blocks 0..num_blocks-1
+            self._run_compiled([0], [last], [last], [list(range(num_blocks))], [last + 1])
+        self.kv_cache.zero_()
+
+    def _run_compiled(self, input_ids: list[int], positions: list[int], slot_mapping: list[int],
+                      block_tables: list[list[int]], context_lens: list[int]) -> torch.Tensor:
+        tensors = [self._tensor(values) for values in (input_ids, positions, slot_mapping, block_tables, context_lens)]
+        if tensors[3].shape[1] > 1:  # one graph for every longer context; a 1 would be specialized anyway
+            torch._dynamo.mark_dynamic(tensors[3], 1)
+        return self.compiled_decode(*tensors)
 
     def _decode(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ def serve(model: str, config: ServeConfig, **engine_options) -> None:
     engine_options: any EngineConfig field (dtype, device, kv_cache_memory, max_model_len, ...).
     """
     llm_engine = LLMEngine(EngineConfig.from_options(model, **engine_options))
+    llm_engine.warm_up()
     app = create_app(AsyncLLMEngine(llm_engine), llm_engine.tokenizer, config)
     uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=LOG_CONFIG,
                                     access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
