@@ -180,6 +180,16 @@ def test_compiled_decode_matches_transformers(tiny):
     assert engine.stats().kv_cache_usage == 0
 
 
+def test_compiled_warm_up_when_no_context_spans_two_blocks(tiny):
+    folder, hf = tiny
+    engine = tiny_engine(folder, block_size=4, max_model_len=4, kv_cache_memory=tiny_block_bytes(4), compile=True)
+    engine.warm_up()
+    assert not engine.model_runner.kv_cache.any()
+    prompt = random_prompts(1, 2, 2, seed=18)[0]
+    assert generate_one(engine, prompt, SamplingParams(max_tokens=2, **GREEDY)).outputs[0].token_ids == \
+        hf_greedy(hf, prompt, 2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_greedy_parity_and_seeded_sampling_on_cuda(tiny):

@@ -46,12 +46,12 @@ class ModelRunner:
         block_bytes = torch.Size(self.model.kv_cache_shape(1, self.block_size)).numel() * self.dtype.itemsize
         memory = self._kv_cache_memory(config)
         self.num_blocks = memory // block_bytes
-        blocks_per_seq = -(-self.max_model_len // self.block_size)
-        if self.num_blocks < blocks_per_seq:
-            needed = blocks_per_seq * block_bytes
+        self.blocks_per_seq = -(-self.max_model_len // self.block_size)
+        if self.num_blocks < self.blocks_per_seq:
+            needed = self.blocks_per_seq * block_bytes
             raise ValueError(f"the KV cache of {memory} bytes holds {self.num_blocks} blocks of {self.block_size} "
                              f"tokens, but one sequence of max_model_len={self.max_model_len} tokens needs "
-                             f"{blocks_per_seq} blocks = {needed} bytes ({needed / MiB:.1f} MiB): raise "
+                             f"{self.blocks_per_seq} blocks = {needed} bytes ({needed / MiB:.1f} MiB): raise "
                              "kv_cache_memory (or gpu_memory_utilization) or lower max_model_len")
         # Zeroed, not empty: batched decode attention reads (and masks) slots never written, and a
         # masked NaN would still poison the softmax.
@@ -59,7 +59,7 @@ class ModelRunner:
                                     dtype=self.dtype, device=self.device)
         logger.info("KV cache: %d blocks of %d tokens = %.1f MiB, max concurrent sequences of length %d: %d",
                     self.num_blocks, self.block_size, self.num_blocks * block_bytes / MiB, self.max_model_len,
-                    self.num_blocks // blocks_per_seq)
+                    self.num_blocks // self.blocks_per_seq)
         # Per sequence, kept across steps (and preemptions): a seeded sequence draws the same noise
         # whatever else is in the batch. Unseeded ones are seeded from the engine's own generator.
         self.engine_generator = torch.Generator().manual_seed(config.seed)
@@ -135,13 +135,13 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile the batch-1 decode graphs now (contexts of one block and of more) rather than at the
-        first request's first step; the cache is zeroed again afterwards."""
+        first request's first step; the two blocks written are zeroed again afterwards."""
         if self.compiled_decode is None:
             return
-        for num_blocks in (1, 2):
+        for num_blocks in (1, 2)[:self.blocks_per_seq]:  # no 2-block graph where no context needs 2
             last = num_blocks * self.block_size - 1  # the slot of the last position, blocks 0..num_blocks-1
             self._run_compiled([0], [last], [last], [list(range(num_blocks))], [last + 1])
-        self.kv_cache.zero_()
+        self.kv_cache[:, :, :, :2].zero_()
 
     def _run_compiled(self, input_ids: list[int], positions: list[int], slot_mapping: list[int],
                       block_tables: list[list[int]], context_lens: list[int]) -> torch.Tensor:
