@@ -139,7 +139,8 @@ def _ints(csv: str) -> list[int]:
     return [int(x) for x in csv.split(",")]
 
 
-CompileOption = Annotated[bool, typer.Option(help="Run decode steps as torch.compile graphs (compiles first).")]
+CompileOption = Annotated[bool, typer.Option(help="Run batch-1 decode steps as a torch.compile graph "
+                                                        "(compiled before the first request).")]
 
 
 def _engine(model: str, dtype: str, device: str, compile: bool):

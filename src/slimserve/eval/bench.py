@@ -65,14 +65,14 @@ def run_batch(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> t
     return ttft, time.perf_counter() - start
 
 
-def warm_up(engine: LLMEngine, batch_sizes: list[int]) -> None:
-    """Short runs at each batch size, so that a compiled engine compiles its decode graphs before timing."""
-    for batch_size in sorted({1, *batch_sizes}):
-        run_batch(engine, corpus_prompts(engine, batch_size, 16), 4)
+def warm_up(engine: LLMEngine) -> None:
+    """One short run, after a compiled engine has compiled its decode graphs."""
+    engine.warm_up()
+    run_batch(engine, corpus_prompts(engine, 1, 16), 4)
 
 
 def bench_latency(engine: LLMEngine, batch_sizes: list[int], seq_lens: list[int], output_len: int) -> list[LatencyRow]:
-    warm_up(engine, batch_sizes)
+    warm_up(engine)
     rows = []
     for seq_len in seq_lens:
         for batch_size in batch_sizes:
@@ -83,7 +83,7 @@ def bench_latency(engine: LLMEngine, batch_sizes: list[int], seq_lens: list[int]
 
 
 def bench_throughput(engine: LLMEngine, num_prompts: int, input_len: int, output_len: int) -> ThroughputResult:
-    warm_up(engine, [num_prompts])
+    warm_up(engine)
     _, seconds = run_batch(engine, corpus_prompts(engine, num_prompts, input_len), output_len)
     return ThroughputResult(num_prompts, input_len, output_len, seconds)
 
