@@ -9,7 +9,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from slimserve.errors import CheckpointError
-from slimserve.models.attention import AttentionMetadata
+from slimserve.models.attention import QUERY_BLOCK, AttentionMetadata
 from slimserve.models.inference_linear import PackedLinear, prepare_for_inference
 from slimserve.models.loader import load_model
 
@@ -49,7 +49,8 @@ def flat_logits(model, seqs: list[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def test_logits_match_transformers(pair):
     hf, ours, _ = pair
-    seqs = [torch.randint(0, 128, (n,)) for n in (23, 5, 17)]  # different lengths in one flat batch
+    # Different lengths in one flat batch, one longer than two blocks of CPU attention's query rows.
+    seqs = [torch.randint(0, 128, (n,)) for n in (23, 5, 17, 2 * QUERY_BLOCK + 9)]
     out = flat_logits(ours, seqs).split([len(s) for s in seqs])
     for seq, logits in zip(seqs, out):
         ref = hf(seq[None]).logits[0]
@@ -71,13 +72,15 @@ def test_fused_prepacked_model_matches_the_loaded_one(pair, dtype):
 
 @torch.no_grad()
 def test_paged_cache_matches_full_forward(pair):
-    """Prefill in chunks and decode one token at a time through a shuffled block table."""
+    """Prefill in chunks and decode one token at a time through a shuffled block table; the last
+    chunk, after 29 cached tokens, spans several blocks of CPU attention's query rows."""
     _, ours, _ = pair
-    seq = torch.randint(0, 128, (29,))
-    block_size, num_blocks = 4, 12
+    chunks = [7, 9, 1, 1, 11, 2 * QUERY_BLOCK + 3]
+    seq = torch.randint(0, 128, (sum(chunks),))
+    block_size, num_blocks = 4, 48
     kv_cache = torch.zeros(ours.kv_cache_shape(num_blocks, block_size))
-    block_table = torch.tensor(random.Random(0).sample(range(num_blocks), 8))
-    chunks, start, got = [7, 9, 1, 1, 11], 0, []
+    block_table = torch.tensor(random.Random(0).sample(range(num_blocks), -(-len(seq) // block_size)))
+    start, got = 0, []
     for n in chunks:
         end = start + n
         positions = torch.arange(start, end)
