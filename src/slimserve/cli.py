@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from slimserve.assets import DEFAULT_MODEL
-from slimserve.config import QuantConfig, ServeConfig
+from slimserve.config import QUANT_METHODS, QuantConfig, ServeConfig
 
 app = typer.Typer(help="Quantize, evaluate, accelerate and serve language models.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -88,7 +88,7 @@ _QUANT = QuantConfig()
 @app.command()
 def quantize(
     model: ModelArg = DEFAULT_MODEL,
-    method: Annotated[str, typer.Option(help="rtn, gptq, awq or smoothquant.")] = _QUANT.method,
+    method: Annotated[str, typer.Option(help=", ".join(QUANT_METHODS) + ".")] = _QUANT.method,
     bits: int = _QUANT.bits,
     group_size: Annotated[int, typer.Option(help="-1 per channel, 0 per tensor, else columns per group.")]
     = _QUANT.group_size,
