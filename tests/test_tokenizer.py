@@ -77,6 +77,15 @@ def test_smollm2_gguf_tokenizer_matches_transformers(ours, reference):
 
 
 @pytest.mark.real_model
+def test_encode_corpus_encodes_blank_line_pieces(ours):
+    pieces = ["Mr. Speaker,\n\n", "\n", "The state of our Union is strong. 1990\n\n", MULTIBYTE]
+    ids = ours.encode_corpus("".join(pieces))
+    assert ids == [i for piece in pieces for i in ours.encode(piece, add_special_tokens=False)]
+    assert ours.decode(ids) == "".join(pieces)
+    assert ids != ours.encode("".join(pieces), add_special_tokens=False)  # one call merges across the cuts
+
+
+@pytest.mark.real_model
 def test_decode_stream_concatenates_to_decode(ours):
     ids = ours.encode(MULTIBYTE + "<|im_end|>")
     stream = ours.decode_stream()

@@ -5,6 +5,7 @@ with transformers' settings (trim_blocks, lstrip_blocks, raise_exception, tojson
 """
 
 import json
+import re
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -133,6 +134,17 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Special-token text such as "<|im_start|>" maps to its id; BOS is added only if the model asks for it."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_corpus(self, text: str) -> list[int]:
+        """A long text's token ids, without special tokens, encoded in pieces cut after blank lines.
+
+        The tokenizers library encodes the pieces on every core, and one call over a whole corpus
+        is slow besides: the 9.6 MB sotu-calib text takes 9.7 s as one call on 2 cores, 3.7 s in
+        pieces. The ids differ from one call's only where a token would span a cut; they decode to
+        the same text.
+        """
+        pieces = re.split(r"(?<=\n\n)", text)
+        return [i for e in self._backend.encode_batch(pieces, add_special_tokens=False) for i in e.ids]
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(token_ids, skip_special_tokens=skip_special_tokens)

@@ -43,7 +43,7 @@ class ThroughputResult:
 
 
 def corpus_prompts(engine: LLMEngine, count: int, length: int) -> list[list[int]]:
-    ids = engine.tokenizer.encode(load_text("sotu"))
+    ids = engine.tokenizer.encode_corpus(load_text("sotu"))
     if count * length > len(ids):
         raise ValueError(f"{count} prompts of {length} tokens need {count * length} tokens; the corpus has {len(ids)}")
     return [ids[i * length:(i + 1) * length] for i in range(count)]

@@ -23,7 +23,7 @@ def calibration_batches(
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 tokens, got {seq_len}")
-    token_ids = tokenizer.encode(load_text(dataset), add_special_tokens=False)
+    token_ids = tokenizer.encode_corpus(load_text(dataset))
     needed = num_samples * seq_len
     if len(token_ids) < needed:
         raise ValueError(
