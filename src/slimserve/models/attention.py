@@ -35,6 +35,10 @@ class AttentionMetadata:
     decode_context_lens: (num_decode_seqs,) int64 tensor, or None: given by a compiled decode
         step, whose block_tables are then exactly as wide as its longest context. A compiled
         graph takes python ints as constants, so lengths that change every step come as a tensor.
+    new_kv: None to write each layer's new keys and values into kv_cache as it runs. A compiled
+        decode step passes a list, which collects each layer's (k, v), and writes them all after
+        its graph with one store_kv: the graph then holds no in-place write to an input, and one
+        write per step costs ~10 µs where SmolLM2-135M's 30 per-layer writes cost ~450.
     """
 
     cu_seqlens_q: list[int]
@@ -44,6 +48,7 @@ class AttentionMetadata:
     kv_cache: torch.Tensor | None = None
     num_decode_seqs: int = 0
     decode_context_lens: torch.Tensor | None = None
+    new_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     _decode_layout: tuple | None = field(default=None, repr=False)
     _decode_biases: dict = field(default_factory=dict, repr=False)
 
@@ -110,12 +115,15 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: (T, H, D); k, v: (T, Hkv, D) for the new tokens. Returns (T, H, D)."""
         if meta.kv_cache is not None:
-            torch.ops.slimserve.store_kv(k, v, meta.kv_cache, self.layer_idx, meta.slot_mapping)
+            if meta.new_kv is None:
+                store_kv(torch.stack([k, v]), meta.kv_cache[self.layer_idx], meta.slot_mapping)
+            else:
+                meta.new_kv.append((k, v))
             k_cache, v_cache = meta.kv_cache[self.layer_idx]  # (Hkv, num_blocks, block_size, D)
         out = torch.empty_like(q)
         n = meta.num_decode_seqs if meta.kv_cache is not None else 0
         if n:
-            out[:n] = self._decode(q[:n], k_cache, v_cache, meta)
+            out[:n] = self._decode(q[:n], k[:n], v[:n], k_cache, v_cache, meta)
         for s in range(n, meta.num_seqs):
             start, end = meta.cu_seqlens_q[s], meta.cu_seqlens_q[s + 1]
             ctx = meta.context_lens[s]
@@ -128,9 +136,11 @@ class PagedAttention(nn.Module):
             out[start:end] = self._attend(q[start:end], k_s, v_s)
         return out
 
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
-                ) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One query token per sequence, q: (n, H, D), all sequences in one padded, masked computation.
+        k_new, v_new (n, Hkv, D): the new tokens' keys and values, read from here where meta.new_kv
+        defers their write to the cache.
 
         Plain matmul-softmax-matmul in fp32, batched over (KV head, sequence): torch's fused attention
         kernels are built for blocks of queries, and on the CPU this is faster for one query per
@@ -140,6 +150,11 @@ class PagedAttention(nn.Module):
         n, Hkv, D = q.shape[0], self.num_kv_heads, self.head_dim
         k = gather_blocks(k_cache, block_tables).float()  # (Hkv, n, L, D)
         v = gather_blocks(v_cache, block_tables).float()
+        if meta.new_kv is not None:  # the last position of each context is not in the cache yet
+            _, key_positions, context_lens = meta.decode_layout()
+            is_new = (key_positions == context_lens - 1)[None, :, :, None]  # (1, n, L, 1)
+            k = torch.where(is_new, k_new.transpose(0, 1)[:, :, None].float(), k)
+            v = torch.where(is_new, v_new.transpose(0, 1)[:, :, None].float(), v)
         q = q.float().view(n, Hkv, self.num_heads // Hkv, D).transpose(0, 1)  # (Hkv, n, group, D)
         out = self._softmax_matmul(q, k, v, meta.decode_bias(self.sliding_window))  # (Hkv, n, group, D)
         return out.transpose(0, 1).reshape(n, self.num_heads, D).to(v_cache.dtype)
@@ -194,24 +209,12 @@ class PagedAttention(nn.Module):
         return allowed
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer_idx: int,
-             slot_mapping: torch.Tensor) -> None:
-    """Write new keys/values (T, Hkv, D) into their slots of layer layer_idx of the cache."""
-    _, _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
-    k_cache, v_cache = kv_cache[layer_idx].view(2, num_kv_heads, num_blocks * block_size, head_dim)
-    k_cache[:, slot_mapping] = k.transpose(0, 1)
-    v_cache[:, slot_mapping] = v.transpose(0, 1)
-
-
-# store_kv as an operator opaque to torch.compile, which then leaves the write in place: traced,
-# the write into the cache (a graph input) would become a copy of the whole cache per layer and step.
-# Defined through torch.library's low-level API, whose dispatch costs about 5 µs a call where
-# torch.library.custom_op's Python wrappers cost about 50.
-_library = torch.library.Library("slimserve", "DEF")
-_library.define("store_kv(Tensor k, Tensor v, Tensor(a!) kv_cache, int layer_idx, Tensor slot_mapping) -> ()")
-_library.impl("store_kv", store_kv, "CompositeExplicitAutograd")
-torch.library.register_fake("slimserve::store_kv", lambda k, v, kv_cache, layer_idx, slot_mapping: None,
-                            lib=_library)
+def store_kv(kv: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write new keys and values kv (..., 2, T, Hkv, D) into their slots of kv_cache
+    (..., 2, Hkv, num_blocks, block_size, D): one layer's (no leading dims), or every layer's."""
+    *lead, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
+    slots = kv_cache.view(*lead, num_kv_heads, num_blocks * block_size, head_dim)
+    slots[..., slot_mapping, :] = kv.transpose(-2, -3)
 
 
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
