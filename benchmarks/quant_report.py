@@ -189,7 +189,7 @@ def main() -> None:
 - Groups of {group} columns, asymmetric, for 4 and 3 bits: every layer's input width is {group_reason}.
   W8 rows are symmetric per output channel (the packed int8 kernel's layout) unless named g{group}.
 - lm_head: 8 bits per output channel (symmetric) in the 4- and 3-bit rows, the layers' own scheme in the
-  8-bit rows. {head}
+  8-bit rows but "{HEAD_BF16}", which keeps it in bf16. {head}
 - Scales are rounded up to bf16 precision before the integers are chosen, so storing them in bf16 adds no
   error of its own.
 - Compute dtype bf16 for every quantized row (torch's packed int8/int4 CPU kernels); decode tok/s is greedy,
