@@ -197,7 +197,7 @@ def main() -> None:
   process loading the row's folder and evaluating it.
 - W8A8: int8 weights per output channel, int8 activations per token computed at run time (dynamic).
   SmoothQuant: alpha {DEFAULT_ALPHA}, scales folded into input_layernorm (q/k/v), post_attention_layernorm
-  (gate/up) and up_proj (down_proj); o_proj is not smoothed.
+  (gate/up), v_proj's rows (o_proj, one scale per KV head's channel) and up_proj (down_proj).
 - GPTQ: W4/W3 with act-order (desc_act), W8 per channel without; damping 1 %.
 - Quantize s: calibration + method on the fp32 model, without loading and saving.
 - This run took {minutes:.1f} min.

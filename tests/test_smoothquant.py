@@ -30,9 +30,11 @@ def test_smoothing_leaves_float_outputs_unchanged(alpha):
     held_out = sequences(2, 40, seed=1)
     reference = logits(model, held_out)
     act_max = activation_max(model, sequences(4, 48, seed=0))
-    before = model.model.layers[0].input_layernorm.weight.clone()
+    layer = model.model.layers[0]
+    before = layer.input_layernorm.weight.clone(), layer.self_attn.o_proj.weight.clone()
     smooth(model, act_max, alpha)
-    assert not torch.allclose(model.model.layers[0].input_layernorm.weight, before)  # something was folded
+    assert not torch.allclose(layer.input_layernorm.weight, before[0])  # something was folded
+    assert not torch.allclose(layer.self_attn.o_proj.weight, before[1])  # o_proj too, across grouped heads
     assert relative_error(logits(model, held_out), reference) < 1e-4
 
 

@@ -4,9 +4,9 @@ Xiao, Lin, Seznec, Wu, Demouth, Han, "SmoothQuant: Accurate and Efficient Post-T
 Quantization for Large Language Models", ICML 2023 (arXiv:2211.10438). A few input channels of
 a linear carry activations far larger than the rest, so one int8 scale per token wastes its
 range on them. With s_j = max|X_j|^α / max|W_j|^(1-α) (Eq. 4), Y = (X diag(s)⁻¹)(diag(s) W)
-is the same product with a flatter X; diag(s)⁻¹ folds into the op that produces X (an RMSNorm,
-or for down_proj the up_proj rows, since silu(gate)·up is linear in up's output), diag(s) into
-the weight columns of every linear reading X. The fold is exact in real arithmetic; in floating
+is the same product with a flatter X; diag(s)⁻¹ folds into the op that produces X (an RMSNorm;
+for down_proj the up_proj rows, since silu(gate)·up is linear in up's output; for o_proj the
+v_proj rows, since attention averages v), diag(s) into the weight columns of every linear reading X. The fold is exact in real arithmetic; in floating
 point outputs move by rounding only.
 """
 
@@ -63,9 +63,8 @@ def smooth(model: nn.Module, act_max: dict[str, Tensor], alpha: float = DEFAULT_
     """Fold SmoothQuant scales into every decoder layer of a Llama-family model, in place.
 
     act_max: activation_max's result for this model before smoothing. Smoothed inputs: q/k/v
-    (scales folded into input_layernorm), gate/up (post_attention_layernorm) and down_proj
-    (up_proj's rows). o_proj's input comes from attention over v, whose channels only match
-    o_proj's without grouped-query attention; it is left alone, as in the paper.
+    (scales folded into input_layernorm), gate/up (post_attention_layernorm), o_proj (v_proj's
+    rows, see _smooth_attention_output) and down_proj (up_proj's rows).
     """
     check_llama(model, "SmoothQuant")
     if not 0 <= alpha <= 1:
@@ -76,6 +75,7 @@ def smooth(model: nn.Module, act_max: dict[str, Tensor], alpha: float = DEFAULT_
             attn, mlp = layer.self_attn, layer.mlp
             qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
             _smooth(layer.input_layernorm, qkv, act_max[prefix + "self_attn.q_proj"], alpha)
+            _smooth_attention_output(attn, act_max[prefix + "self_attn.o_proj"], alpha)
             gate_up = [mlp.gate_proj, mlp.up_proj]
             _smooth(layer.post_attention_layernorm, gate_up, act_max[prefix + "mlp.gate_proj"], alpha)
             _smooth(mlp.up_proj, [mlp.down_proj], act_max[prefix + "mlp.down_proj"], alpha)
@@ -84,9 +84,32 @@ def smooth(model: nn.Module, act_max: dict[str, Tensor], alpha: float = DEFAULT_
 def _smooth(previous: nn.Module, linears: list[nn.Linear], act_max: Tensor, alpha: float) -> None:
     """s_j = max|X_j|^α / max|W_j|^(1-α) over the linears reading X; X /= s in `previous`, W *= s."""
     weight_max = torch.cat([linear.weight.detach().abs().float() for linear in linears]).amax(dim=0)
-    # Clamped as the reference code does: a channel that never fires or has no weight keeps s > 0.
-    scales = (act_max.clamp(min=1e-5).pow(alpha) / weight_max.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
-    fold_scales(previous, linears, scales)
+    fold_scales(previous, linears, _scales(act_max, weight_max, alpha))
+
+
+def _scales(act_max: Tensor, weight_max: Tensor, alpha: float) -> Tensor:
+    """s = max|X|^α / max|W|^(1-α), clamped as the reference code does: a channel that never fires
+    or has no weight keeps s > 0."""
+    return (act_max.clamp(min=1e-5).pow(alpha) / weight_max.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+
+
+def _smooth_attention_output(attn: nn.Module, act_max: Tensor, alpha: float) -> None:
+    """Smooth o_proj's input by folding 1/s into v_proj's output rows.
+
+    o_proj's input channel (query head h, d) is a softmax-weighted average of v's channel
+    (h's KV head, d), so it scales with that v_proj row. Query heads h = g·group .. (g+1)·group - 1
+    share KV head g: one s per (KV head, d), from the largest activation and weight among them.
+    """
+    num_kv_heads, head_dim = attn.num_kv_heads, attn.head_dim
+    group = attn.num_heads // num_kv_heads
+    o_weight, v_proj = attn.o_proj.weight, attn.v_proj
+    act = act_max.view(num_kv_heads, group, head_dim).amax(dim=1)
+    weight_max = o_weight.detach().abs().float().view(-1, num_kv_heads, group, head_dim).amax(dim=(0, 2))
+    scales = _scales(act, weight_max, alpha)
+    v_proj.weight.div_(scales.view(-1, 1).to(v_proj.weight.dtype))
+    if v_proj.bias is not None:
+        v_proj.bias.div_(scales.view(-1).to(v_proj.bias.dtype))
+    o_weight.view(-1, num_kv_heads, group, head_dim).mul_(scales[:, None, :].to(o_weight.dtype))
 
 
 def fold_scales(previous: nn.Module, linears: list[nn.Linear], scales: Tensor) -> None:
