@@ -129,10 +129,15 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
         found.append(f"W8A8 SmoothQuant ({smooth:+.2f} %) cuts naive W8A8's loss ({naive:+.2f} %) but misses 1 %. "
                      "Alpha was swept on SmolLM2 (fp32 compute, 4 windows): +1.36 % at 0.5, +0.91 % at 0.65, "
                      "+1.68 % at 0.8; bf16 activations add the rest here. A per-layer alpha search was not tried.")
-    slow = [r.name for r in rows if r.method != "none" and r.decode_tokens_per_second < bf16.decode_tokens_per_second]
-    if slow:
-        found.append(f"Slower than bf16 at decode: {', '.join(slow)}: these layouts (3-bit, grouped 8-bit) run "
+    slow = [r for r in rows if r.method != "none" and r.decode_tokens_per_second < bf16.decode_tokens_per_second]
+    packed = [r.name for r in slow if r.bits == 4 or (r.bits == 8 and r.group_size == -1)]
+    unpacked = [r.name for r in slow if r.name not in packed]
+    if unpacked:
+        found.append(f"Slower than bf16 at decode: {', '.join(unpacked)}: these layouts (3-bit, grouped 8-bit) run "
                      "slimserve's reference path, which dequantizes each weight at every step.")
+    if packed:
+        found.append(f"Below bf16's decode speed in this single run: {', '.join(packed)} (packed kernels); "
+                     "rows sharing a kernel spread as far here (see the first note).")
     if any(r.quantize_seconds >= GPTQ_SECONDS_TARGET for r in rows if r.method == "gptq"):
         found.append("GPTQ time is dominated by matrix products proportional to the calibration tokens: the "
                      "calibration forward pass through each layer and the Hessians' x xᵀ sums (on SmolLM2 at "
