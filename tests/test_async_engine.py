@@ -1,5 +1,6 @@
 """AsyncLLMEngine on the tiny random Llama of test_engine: streamed deltas, abort, failures, shutdown."""
 import asyncio
+import threading
 from collections import defaultdict
 
 import pytest
@@ -153,3 +154,33 @@ def test_stream_read_after_its_request_finished(tiny):
 
     deltas = asyncio.run(main())
     assert [len(d.outputs[0].token_ids) for d in deltas] == [2] and deltas[-1].finished  # coalesced into one
+
+
+def test_load_builds_warms_up_and_steps_on_one_thread(tiny, monkeypatch):
+    """Loading on the thread that steps keeps torch to one OpenMP pool (see async_engine's docstring)."""
+    folder, _ = tiny
+    threads = []
+    original_init, original_warm_up, original_step = LLMEngine.__init__, LLMEngine.warm_up, LLMEngine.step
+
+    def record(method):
+        def wrapper(self, *args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(LLMEngine, "__init__", record(original_init))
+    monkeypatch.setattr(LLMEngine, "warm_up", record(original_warm_up))
+    monkeypatch.setattr(LLMEngine, "step", record(original_step))
+    engine = AsyncLLMEngine.load(EngineConfig(str(folder), kv_cache_memory=2**22, compile=True))
+    request = ("q", random_prompts(1, 5, 5, seed=23)[0], SamplingParams(max_tokens=3, **GREEDY))
+
+    async def main():
+        engine.start()
+        result = await collect(engine, request)
+        await engine.shutdown()
+        return result
+
+    (joined, _) = asyncio.run(main())
+    assert len(joined[0][1]) == 3
+    assert len(threads) > 3 and len(set(threads)) == 1 and threads[0].startswith("engine-step")
+    assert threads[0] != threading.main_thread().name

@@ -13,7 +13,6 @@ import uvicorn
 
 from slimserve.config import EngineConfig, ServeConfig
 from slimserve.engine.async_engine import AsyncLLMEngine
-from slimserve.engine.llm_engine import LLMEngine
 from slimserve.serve.app import create_app
 
 logger = logging.getLogger(__name__)
@@ -43,9 +42,8 @@ def serve(model: str, config: ServeConfig, **engine_options) -> None:
 
     engine_options: any EngineConfig field (dtype, device, kv_cache_memory, max_model_len, ...).
     """
-    llm_engine = LLMEngine(EngineConfig.from_options(model, **engine_options))
-    llm_engine.warm_up()
-    app = create_app(AsyncLLMEngine(llm_engine), llm_engine.tokenizer, config)
+    engine = AsyncLLMEngine.load(EngineConfig.from_options(model, **engine_options))
+    app = create_app(engine, engine.engine.tokenizer, config)
     uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=LOG_CONFIG,
                                     access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     DrainingServer(uvicorn_config, drain=lambda: app.state.client.drain(config.drain_timeout)).run()
