@@ -5,7 +5,7 @@ tokens (ignore_eos), vLLM benchmark_serving definitions (slimserve.eval.serve_be
 the same run: the server's AsyncLLMEngine without HTTP, one request at a time, for
 TTFT and decode speed. Writes benchmarks/results/serve_cpu.md and serve_cpu.png.
 
-    python benchmarks/serve_cpu.py [--input-len 128] [--output-len 32] [--dtype fp32]
+    python benchmarks/serve_cpu.py [--input-len 128] [--output-len 32] [--dtype fp32] [--compile]
 """
 import argparse
 import asyncio
@@ -20,7 +20,6 @@ import httpx
 
 from slimserve.config import EngineConfig
 from slimserve.engine.async_engine import AsyncLLMEngine
-from slimserve.engine.llm_engine import LLMEngine
 from slimserve.engine.sampling_params import SamplingParams
 from slimserve.eval.machine import machine_info
 from slimserve.eval.serve_bench import ServeBenchConfig, make_prompts, markdown_table, plot, run_serve_bench
@@ -31,12 +30,12 @@ RESULTS = Path(__file__).parent / "results"
 PORT = 8765
 
 
-def engine_alone(prompts: list[str], output_len: int, dtype: str) -> tuple[float, float]:
+def engine_alone(prompts: list[str], output_len: int, engine_options: dict) -> tuple[float, float]:
     """(TTFT ms, decode tok/s) of single requests through the server's AsyncLLMEngine without HTTP:
     the floor the server adds its overhead to. prompts[0] warms up; best of the others, since
     other jobs share the cores. Distinct prompts, so none is answered from the prefix cache."""
-    engine = AsyncLLMEngine(LLMEngine(EngineConfig(model=MODEL, dtype=dtype, kv_cache_memory=256 * 2**20,
-                                                   max_model_len=2048)))
+    engine = AsyncLLMEngine.load(EngineConfig(model=MODEL, kv_cache_memory=256 * 2**20, max_model_len=2048,
+                                              **engine_options))
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=output_len)
 
     async def one_request(request_id: str, prompt: str) -> tuple[float, float]:
@@ -56,12 +55,12 @@ def engine_alone(prompts: list[str], output_len: int, dtype: str) -> tuple[float
     return 1000 * min(ttft for ttft, _ in runs), max(rate for _, rate in runs)
 
 
-def start_server(dtype: str) -> subprocess.Popen:
+def start_server(engine_options: dict) -> subprocess.Popen:
     code = ("from slimserve.config import ServeConfig; from slimserve.serve.server import serve; "
-            f"serve({MODEL!r}, ServeConfig(port={PORT}, max_waiting=1000), dtype={dtype!r}, "
+            f"serve({MODEL!r}, ServeConfig(port={PORT}, max_waiting=1000), **{engine_options!r}, "
             "kv_cache_memory=1024 * 2**20, max_model_len=2048)")
     server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600  # a compiled engine compiles before it is ready
     while True:
         assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
         try:
@@ -76,15 +75,17 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--compile", action="store_true", help="serve a compiled engine (batch-1 decode graph)")
     args = parser.parse_args()
+    engine_options = {"dtype": args.dtype, "compile": args.compile}
     config = ServeBenchConfig(base_url=f"http://127.0.0.1:{PORT}", input_len=args.input_len,
                               output_len=args.output_len)
     machine = machine_info()
     load_before = os.getloadavg()[0]
-    server = start_server(args.dtype)
+    server = start_server(engine_options)
     try:
         # Measured while the server idles, right before its concurrency-1 level, so the two compare.
-        baseline_ttft, baseline_tps = engine_alone(make_prompts(config, 4, 0), args.output_len, args.dtype)
+        baseline_ttft, baseline_tps = engine_alone(make_prompts(config, 4, 0), args.output_len, engine_options)
         results, first_prompt = [], 4  # slices 0-3 were the baseline's prompts
         for concurrency, num_prompts in LEVELS.items():
             results += run_serve_bench(replace(config, concurrencies=[concurrency], num_prompts=num_prompts,
@@ -96,7 +97,7 @@ def main() -> None:
         server.wait(timeout=120)
     table = markdown_table(results)
     report = "\n".join([
-        f"# Serving load: {MODEL} ({args.dtype}) on the CPU",
+        f"# Serving load: {MODEL} ({args.dtype}{', compiled' if args.compile else ''}) on the CPU",
         "",
         machine.markdown(),
         f"Load average (1 min) of this shared machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.",
