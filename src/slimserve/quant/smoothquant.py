@@ -6,8 +6,8 @@ a linear carry activations far larger than the rest, so one int8 scale per token
 range on them. With s_j = max|X_j|^α / max|W_j|^(1-α) (Eq. 4), Y = (X diag(s)⁻¹)(diag(s) W)
 is the same product with a flatter X; diag(s)⁻¹ folds into the op that produces X (an RMSNorm;
 for down_proj the up_proj rows, since silu(gate)·up is linear in up's output; for o_proj the
-v_proj rows, since attention averages v), diag(s) into the weight columns of every linear reading X. The fold is exact in real arithmetic; in floating
-point outputs move by rounding only.
+v_proj rows, since attention averages v), diag(s) into the weight columns of every linear reading
+X. The fold is exact in real arithmetic; in floating point outputs move by rounding only.
 """
 
 import torch
