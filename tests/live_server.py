@@ -30,8 +30,9 @@ def free_port() -> int:
 @contextmanager
 def server_in_thread(engine_config: EngineConfig, config: ServeConfig) -> Iterator[tuple[str, LLMEngine]]:
     """(base url, engine) of a uvicorn server running create_app in a background thread."""
-    engine = LLMEngine(engine_config)
-    app = create_app(AsyncLLMEngine(engine), engine.tokenizer, config)
+    async_engine = AsyncLLMEngine.load(engine_config)  # as slimserve serve does
+    engine = async_engine.engine
+    app = create_app(async_engine, engine.tokenizer, config)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
