@@ -1,6 +1,7 @@
 """The `slimserve` command: parses arguments and calls the library, nothing more."""
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -277,6 +278,6 @@ def run(
     eval_([model], "sotu", "fp32,bf16", max_windows, Path("report"))
     generate(model, prompt="What is the capital of France?", chat=True, profile=True, dtype="bf16")
     typer.echo(f"\nserving {model} (bf16) with the playground at http://127.0.0.1:{port}/ (Ctrl-C drains and stops)")
-    serve(model, port=port, dtype="bf16", host=_SERVE.host, api_key=None, metrics_public=_SERVE.metrics_public,
-          max_waiting=_SERVE.max_waiting, drain_timeout=_SERVE.drain_timeout, device="cpu", max_model_len=None,
-          enable_prefix_caching=True, compile=False)
+    # The server gets a fresh process: torch work on this one's main thread (eval, generate) would
+    # leave an OpenMP pool that slows the server's engine thread twofold (see engine/async_engine.py).
+    os.execv(sys.executable, [sys.executable, "-m", "slimserve", "serve", model, "--port", str(port), "--dtype", "bf16"])
