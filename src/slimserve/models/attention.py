@@ -82,8 +82,7 @@ class AttentionMetadata:
             allowed = key_positions < context_lens
             if sliding_window is not None:
                 allowed &= key_positions >= context_lens - sliding_window
-            bias = torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-            self._decode_biases[sliding_window] = bias[:, None, :]
+            self._decode_biases[sliding_window] = additive_mask(allowed)[:, None, :]
         return self._decode_biases[sliding_window]
 
     @classmethod
@@ -190,8 +189,7 @@ class PagedAttention(nn.Module):
             end = min(num_q, start + QUERY_BLOCK)
             first_q, end_q = num_k - num_q + start, num_k - num_q + end  # the block's positions
             first_k = 0 if self.sliding_window is None else max(0, first_q - self.sliding_window + 1)
-            allowed = self._allowed(first_q, end_q, first_k, end_q, q.device)
-            bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))
+            bias = additive_mask(self._allowed(first_q, end_q, first_k, end_q, q.device))
             rows = q[start:end].float().view(end - start, Hkv, group, D).permute(1, 2, 0, 3)
             block = self._softmax_matmul(rows.reshape(Hkv, group * (end - start), D), k[:, first_k:end_q],
                                          v[:, first_k:end_q], bias.repeat(group, 1))  # (Hkv, group * rows, D)
@@ -207,6 +205,11 @@ class PagedAttention(nn.Module):
         if self.sliding_window is not None:
             allowed &= k_pos > q_pos - self.sliding_window
         return allowed
+
+
+def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """float32 of allowed's shape: 0 where allowed, -inf elsewhere, to add to attention scores."""
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def store_kv(kv: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
