@@ -106,9 +106,7 @@ def _smooth_attention_output(attn: nn.Module, act_max: Tensor, alpha: float) -> 
     act = act_max.view(num_kv_heads, group, head_dim).amax(dim=1)
     weight_max = o_weight.detach().abs().float().view(-1, num_kv_heads, group, head_dim).amax(dim=(0, 2))
     scales = _scales(act, weight_max, alpha)
-    v_proj.weight.div_(scales.view(-1, 1).to(v_proj.weight.dtype))
-    if v_proj.bias is not None:
-        v_proj.bias.div_(scales.view(-1).to(v_proj.bias.dtype))
+    fold_scales(v_proj, [], scales.view(-1))  # o_proj's columns are per query head: multiplied below
     o_weight.view(-1, num_kv_heads, group, head_dim).mul_(scales[:, None, :].to(o_weight.dtype))
 
 
