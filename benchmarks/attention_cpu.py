@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from slimserve.eval.machine import machine_info
-from slimserve.models.attention import QUERY_BLOCK, PagedAttention
+from slimserve.models.attention import QUERY_BLOCK, AttentionMetadata, PagedAttention
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 LENGTHS = (128, 256, 512, 1024, 2048)
@@ -45,9 +45,10 @@ def main() -> None:
         q = torch.randn(length, HEADS, HEAD_DIM, dtype=torch.bfloat16)
         k, v = (torch.randn(KV_HEADS, length, HEAD_DIM, dtype=torch.bfloat16) for _ in range(2))
         mask = torch.ones(length, length, dtype=torch.bool).tril()
+        meta = AttentionMetadata.without_cache([length])  # its masks are made once, as for a step's 30 layers
 
         def ours():
-            return attention._attend(q, k, v)
+            return attention._attend(q, k, v, meta)
 
         def torch_sdpa():
             return F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, enable_gqa=True)

@@ -155,28 +155,34 @@ def test_greedy_matches_transformers_with_chunked_prefill(tiny):
 
 def test_compiled_decode_matches_transformers(tiny):
     """compile=True: batch-1 decode steps run as a compiled graph (contexts of one block and of
-    many; warm_up compiles both), the others eagerly; greedy tokens equal transformers' either way."""
+    many), every step of two tokens or more (prefill chunks, batched and mixed steps) as another, one
+    for every token count; warm_up compiles all three. Greedy tokens equal transformers' throughout."""
     folder, hf = tiny
     engine = tiny_engine(folder, block_size=4, max_num_batched_tokens=32, compile=True)
     runner = engine.model_runner
-    batch_sizes = []
-    compiled = runner.compiled_decode
+    decode_sizes, step_sizes = [], []
+    compiled_decode, compiled_model = runner.compiled_decode, runner.compiled_model
 
-    def counting(input_ids, *args):
-        batch_sizes.append(input_ids.shape[0])
-        return compiled(input_ids, *args)
+    def counting_decode(input_ids, *args):
+        decode_sizes.append(input_ids.shape[0])
+        return compiled_decode(input_ids, *args)
 
-    runner.compiled_decode = counting
+    def counting_model(input_ids, *args):
+        step_sizes.append(input_ids.shape[0])
+        return compiled_model(input_ids, *args)
+
+    runner.compiled_decode, runner.compiled_model = counting_decode, counting_model
     engine.warm_up()
-    assert batch_sizes == [1, 1] and not runner.kv_cache.any()
+    assert decode_sizes == [1, 1] and step_sizes == [2] and not runner.kv_cache.any()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    batch_sizes.clear()
+    decode_sizes.clear(), step_sizes.clear()
     prompt = random_prompts(1, 2, 2, seed=17)[0]
     out = generate_one(engine, prompt, SamplingParams(max_tokens=30, **GREEDY))
     assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 30)
-    assert batch_sizes == [1] * 29  # every step after the prompt's
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # warm_up compiled them all
+    assert step_sizes == [2] and decode_sizes == [1] * 29  # the prompt's step, then every other
     check_greedy_parity(engine, hf, random_prompts(16, 3, 60), num_tokens=10)
+    assert len(set(step_sizes)) > 5  # many token counts, one graph:
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # warm_up compiled them all
     assert engine.stats().kv_cache_usage == 0
 
 

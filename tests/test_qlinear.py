@@ -5,6 +5,7 @@ from torch import nn
 
 from slimserve.config import QuantConfig
 from slimserve.kernels.gemv import gemv
+from slimserve.models import opaque
 from slimserve.quant import qlinear
 from slimserve.quant.packing import int4_cpu_layout_known, pack_bits
 from slimserve.quant.qlinear import PACKED_CPU_MAX_ROWS, Kernel, QuantLinear, quantize_model
@@ -78,6 +79,30 @@ def test_compiled_one_row_int8_matches_packed_kernel(monkeypatch):
         compiled = torch.compile(layer, fullgraph=True, dynamic=False)(x)
     torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=1e-2)
     assert len(traced) == 1
+
+
+@pytest.mark.parametrize("scheme", [(8, -1, True, None), (4, 32, True, None), (8, -1, True, 8)])
+def test_compiled_rows_match_eager(scheme):
+    """In a compiled graph of several rows, the packed int8/int4 kernels run as opaque calls of the
+    layer itself (models/opaque.py); W8A8 is traced."""
+    bits, group_size, sym, act_bits = scheme
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(128, 48).to(torch.bfloat16),
+                                    QuantConfig(bits=bits, group_size=group_size, sym=sym, act_bits=act_bits))
+    opaque.register(layer)
+    calls = []
+    layer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for rows in (5, 33):  # the second reuses the graph compiled for the first
+            x = torch.randn(rows, 128, dtype=torch.bfloat16)
+            calls.clear()
+            out = compiled(x)
+            # opaque: the same kernel; traced W8A8 may round an activation to the other integer
+            exact = layer.kernel in qlinear.OPAQUE_KERNELS
+            torch.testing.assert_close(out, layer(x), **(dict(atol=0, rtol=0) if exact else TOLERANCES[torch.bfloat16]))
+    # the hook runs once for the compiled call, once more inside it where the layer runs as itself
+    assert len(calls) == (3 if layer.kernel in qlinear.OPAQUE_KERNELS else 2)
 
 
 def test_dequantized_weight_is_rtn_result():

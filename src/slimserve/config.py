@@ -109,7 +109,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     seed: int = 0  # seeds the sampling of requests that bring no seed of their own
     enable_prefix_caching: bool = True  # reuse the KV of full blocks equal to an earlier prompt's
-    compile: bool = False  # run batch-1 decode steps as a torch.compile graph (CPU; compiles at first use)
+    compile: bool = False  # run steps as torch.compile graphs (model_runner.py; compiled at warm-up)
 
     def __post_init__(self) -> None:
         checks = [

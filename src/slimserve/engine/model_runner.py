@@ -12,6 +12,7 @@ from slimserve.config import CPU_KV_CACHE_MEMORY, EngineConfig
 from slimserve.engine.sampler import SamplerOutput, prompt_logprobs, sample
 from slimserve.engine.scheduler import SchedulerOutput
 from slimserve.engine.sequence import Sequence
+from slimserve.models import opaque
 from slimserve.models.attention import AttentionMetadata, store_kv
 from slimserve.models.inference_linear import prepare_for_inference
 from slimserve.models.loader import load_model, torch_dtype
@@ -31,11 +32,16 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = torch_dtype(config.dtype)
         self.model = prepare_for_inference(load_model(config.model, self.dtype, self.device), config.compile)
-        # Batch-1 decode steps as one graph (the context length is a dynamic dimension): there the
-        # eager step's per-op overhead and oneDNN's GEMV leave half the memory bandwidth unused.
-        # Steps of several rows stay eager, where the packed GEMMs are faster than in a graph.
-        self.compiled_decode = torch.compile(self._decode, options=DECODE_GRAPH_OPTIONS) if config.compile else None
-        self.warmed_up = False  # both decode graphs compiled: see _run_compiled
+        self.compiled_decode = self.compiled_model = None
+        if config.compile:
+            # Batch-1 decode steps as one graph (the context length is a dynamic dimension): there the
+            # eager step's per-op overhead and oneDNN's GEMV leave half the memory bandwidth unused.
+            self.compiled_decode = torch.compile(self._decode, options=DECODE_GRAPH_OPTIONS)
+            # Every other step of two tokens or more as one graph with a dynamic token count, the
+            # matrix products and attention called from it as opaque operators (models/opaque.py).
+            opaque.register(self.model)
+            self.compiled_model = torch.compile(self.model, dynamic=True)
+        self.warmed_up = False  # every graph compiled: see _run_compiled
         self.vocab_size: int = self.model.args.vocab_size
         self.block_size = config.block_size
         self.max_model_len = config.max_model_len or self.model.max_model_len
@@ -119,7 +125,7 @@ class ModelRunner:
                                                                    context_lens))
         meta = AttentionMetadata(cu_seqlens_q, context_lens, self._tensor(slot_mapping), self._tensor(block_tables),
                                  self.kv_cache, num_decode_seqs)
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta)  # (T, hidden)
+        hidden = self._forward(self._tensor(input_ids), self._tensor(positions), meta)  # (T, hidden)
 
         for i, seq in enumerate(scheduled.seqs):
             if seq.sampling_params.prompt_logprobs is not None:
@@ -133,15 +139,27 @@ class ModelRunner:
             sampled.token_ids[i], sampled.logprobs[i] = token_id, logprobs
         return sampled
 
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states (T, hidden) of the step's tokens: through the compiled graph for two tokens
+        or more (one token would need a graph of its own), else eagerly."""
+        if self.compiled_model is None or input_ids.shape[0] < 2:
+            return self.model(input_ids, positions, meta)
+        # Past warm-up the graph's guards can only fail on a token count below 2, excluded here.
+        with opaque.step_metadata(meta), torch.compiler.set_stance(skip_guard_eval_unsafe=self.warmed_up):
+            return self.compiled_model(input_ids, positions, None)
+
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile the batch-1 decode graphs now (contexts of one block and of more) rather than at the
-        first request's first step; the two blocks written are zeroed again afterwards."""
+        """Compile the graphs now rather than at the first requests' steps: batch-1 decode (contexts
+        of one block and of more) and the step of two tokens or more. The two blocks written are
+        zeroed again afterwards."""
         if self.compiled_decode is None:
             return
         for num_blocks in (1, 2)[:self.blocks_per_seq]:  # no 2-block graph where no context needs 2
             last = num_blocks * self.block_size - 1  # the slot of the last position, blocks 0..num_blocks-1
             self._run_compiled([0], [last], [last], [list(range(num_blocks))], [last + 1])
+        meta = AttentionMetadata([0, 2], [2], self._tensor([0, 1]), self._tensor([[0]]), self.kv_cache)
+        self._forward(self._tensor([0, 0]), self._tensor([0, 1]), meta)
         self.kv_cache[:, :, :, :2].zero_()
         self.warmed_up = True
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimserve.models import opaque
+
 # Query rows per block of CPU prefill attention: 64 or 128 are fastest on 2 cores at 128-2048 tokens.
 QUERY_BLOCK = 64
 
@@ -50,7 +52,7 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None
     new_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     _decode_layout: tuple | None = field(default=None, repr=False)
-    _decode_biases: dict = field(default_factory=dict, repr=False)
+    _biases: dict = field(default_factory=dict, repr=False)  # made once per step, shared by every layer
 
     def decode_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Shared by every layer of a step: the decode sequences' block tables cut to the longest
@@ -77,13 +79,25 @@ class AttentionMetadata:
 
     def decode_bias(self, sliding_window: int | None) -> torch.Tensor:
         """(n, 1, L) float32: 0 where a decode query may attend, -inf elsewhere; made once per step."""
-        if sliding_window not in self._decode_biases:
+        key = ("decode", sliding_window)
+        if key not in self._biases:
             _, key_positions, context_lens = self.decode_layout()
             allowed = key_positions < context_lens
             if sliding_window is not None:
                 allowed &= key_positions >= context_lens - sliding_window
-            self._decode_biases[sliding_window] = additive_mask(allowed)[:, None, :]
-        return self._decode_biases[sliding_window]
+            self._biases[key] = additive_mask(allowed)[:, None, :]
+        return self._biases[key]
+
+    def block_bias(self, first_q: int, end_q: int, first_k: int, sliding_window: int | None, repeats: int,
+                   device: torch.device) -> torch.Tensor:
+        """(repeats * queries, keys) float32: the additive mask of query positions [first_q, end_q)
+        over key positions [first_k, end_q), stacked `repeats` times (once per query head of a KV
+        head); made once per step, as every layer's prefill blocks at the same positions share it."""
+        key = (first_q, end_q, first_k, sliding_window, repeats)
+        if key not in self._biases:
+            allowed = causal_allowed(first_q, end_q, first_k, end_q, sliding_window, device)
+            self._biases[key] = additive_mask(allowed).repeat(repeats, 1)
+        return self._biases[key]
 
     @classmethod
     def without_cache(cls, seq_lens: list[int]) -> "AttentionMetadata":
@@ -110,9 +124,16 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
         self.sliding_window = sliding_window
+        self.opaque_handle: int | None = None  # see models/opaque.py
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: (T, H, D); k, v: (T, Hkv, D) for the new tokens. Returns (T, H, D)."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | None
+                ) -> torch.Tensor:
+        """q: (T, H, D); k, v: (T, Hkv, D) for the new tokens. Returns (T, H, D).
+
+        meta None: inside a compiled step's graph, which calls this layer as an opaque operator
+        with the step's metadata (models/opaque.py)."""
+        if meta is None:
+            return opaque.attention(q, k, v, self.opaque_handle)
         if meta.kv_cache is not None:
             if meta.new_kv is None:
                 store_kv(torch.stack([k, v]), meta.kv_cache[self.layer_idx], meta.slot_mapping)
@@ -126,13 +147,13 @@ class PagedAttention(nn.Module):
         for s in range(n, meta.num_seqs):
             start, end = meta.cu_seqlens_q[s], meta.cu_seqlens_q[s + 1]
             ctx = meta.context_lens[s]
-            if meta.kv_cache is None:
+            if meta.kv_cache is None or ctx == end - start:  # no cached prefix: the new keys are all
                 k_s, v_s = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
             else:
                 num_blocks = -(-ctx // k_cache.shape[2])
                 k_s = gather_blocks(k_cache, meta.block_tables[s, :num_blocks])[:, :ctx]
                 v_s = gather_blocks(v_cache, meta.block_tables[s, :num_blocks])[:, :ctx]
-            out[start:end] = self._attend(q[start:end], k_s, v_s)
+            out[start:end] = self._attend(q[start:end], k_s, v_s, meta)
         return out
 
     def _decode(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
@@ -163,20 +184,21 @@ class PagedAttention(nn.Module):
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scale).add_(bias)
         return torch.matmul(scores.softmax(dim=-1), v)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: (Tq, H, D) are the last Tq of the Tk positions in k, v: (Hkv, Tk, D)."""
         if q.device.type == "cpu":
-            return self._attend_in_blocks(q, k, v)
+            return self._attend_in_blocks(q, k, v, meta)
         num_q, num_k = q.shape[0], k.shape[1]
         mask = None
         if num_q > 1 or self.sliding_window is not None:
-            mask = self._allowed(num_k - num_q, num_k, 0, num_k, q.device)
+            mask = causal_allowed(num_k - num_q, num_k, 0, num_k, self.sliding_window, q.device)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v,  # (heads, T, D)
                                              attn_mask=mask, scale=self.scale,
                                              enable_gqa=self.num_heads != self.num_kv_heads)
         return out.transpose(0, 1)
 
-    def _attend_in_blocks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend_in_blocks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+                          ) -> torch.Tensor:
         """The CPU path of _attend: matmul-softmax-matmul in fp32, QUERY_BLOCK query rows at a time,
         each block against only the keys some row of it may see. On 2 cores this is 1.3-3.5x faster
         than torch's CPU scaled_dot_product_attention at 128-2048 tokens
@@ -189,22 +211,24 @@ class PagedAttention(nn.Module):
             end = min(num_q, start + QUERY_BLOCK)
             first_q, end_q = num_k - num_q + start, num_k - num_q + end  # the block's positions
             first_k = 0 if self.sliding_window is None else max(0, first_q - self.sliding_window + 1)
-            bias = additive_mask(self._allowed(first_q, end_q, first_k, end_q, q.device))
+            bias = meta.block_bias(first_q, end_q, first_k, self.sliding_window, group, q.device)
             rows = q[start:end].float().view(end - start, Hkv, group, D).permute(1, 2, 0, 3)
             block = self._softmax_matmul(rows.reshape(Hkv, group * (end - start), D), k[:, first_k:end_q],
-                                         v[:, first_k:end_q], bias.repeat(group, 1))  # (Hkv, group * rows, D)
+                                         v[:, first_k:end_q], bias)  # (Hkv, group * rows, D)
             out[start:end] = block.view(Hkv, group, end - start, D).permute(2, 0, 1, 3).reshape(end - start, -1, D)
         return out
 
-    def _allowed(self, first_q: int, end_q: int, first_k: int, end_k: int, device: torch.device) -> torch.Tensor:
-        """(queries, keys) bool: which key positions [first_k, end_k) each query position
-        [first_q, end_q) may attend (causal, within the sliding window if any)."""
-        q_pos = torch.arange(first_q, end_q, device=device)[:, None]
-        k_pos = torch.arange(first_k, end_k, device=device)[None, :]
-        allowed = k_pos <= q_pos
-        if self.sliding_window is not None:
-            allowed &= k_pos > q_pos - self.sliding_window
-        return allowed
+
+def causal_allowed(first_q: int, end_q: int, first_k: int, end_k: int, sliding_window: int | None,
+                   device: torch.device) -> torch.Tensor:
+    """(queries, keys) bool: which key positions [first_k, end_k) each query position
+    [first_q, end_q) may attend (causal, within the sliding window if any)."""
+    q_pos = torch.arange(first_q, end_q, device=device)[:, None]
+    k_pos = torch.arange(first_k, end_k, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed &= k_pos > q_pos - sliding_window
+    return allowed
 
 
 def additive_mask(allowed: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from slimserve.kernels.gemv import gemv, use_gemv
+from slimserve.models import opaque
 from slimserve.quant.qlinear import QuantLinear
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
@@ -57,10 +58,13 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.weight = linear.weight.detach() if keep_weight else None
         self.bias = None if linear.bias is None else linear.bias.detach()
+        self.opaque_handle: int | None = None  # see models/opaque.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None and use_gemv(x):
             return gemv(x, self.weight, bias=self.bias)
+        if torch.compiler.is_compiling():
+            return opaque.linear(x, self.opaque_handle)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from slimserve.config import QuantConfig
 from slimserve.kernels.gemv import gemv, use_gemv
+from slimserve.models import opaque
 from slimserve.quant.packing import (
     int4_cpu_layout_known,
     pack_bits,
@@ -68,6 +69,10 @@ class Kernel(Enum):
 # dearer) and running the compute dtype's GEMM costs a little more than the bf16 GEMM. Crossovers
 # on SmolLM2-135M's shapes (AVX512-BF16 Zen 4): int8 between 8 and 16 rows, int4 near 50.
 PACKED_CPU_MAX_ROWS = {Kernel.INT8_CPU: 8, Kernel.INT4_CPU: 48}
+# In a compiled graph, several rows of these kernels run as opaque calls (models/opaque.py): the
+# switch to a dequantized GEMM above depends on the row count, and inductor lowers int4's kernel
+# to a slower one. W8A8 and REF are traced: their extra operations fuse.
+OPAQUE_KERNELS = (Kernel.INT8_CPU, Kernel.INT4_CPU)
 
 
 class QuantLinear(nn.Module):
@@ -97,6 +102,7 @@ class QuantLinear(nn.Module):
         self.num_groups = in_features // group_size if group_size > 0 else 1
         self.scale_rows = 1 if group_size == 0 else out_features
         self.kernel = Kernel.REF
+        self.opaque_handle: int | None = None  # see models/opaque.py
         groups = (self.scale_rows, self.num_groups)
         packed = (out_features, in_features * bits // 8)
         self.register_buffer("qweight", torch.empty(packed, dtype=torch.uint8, device=device))
@@ -296,6 +302,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != self.dtype:
             raise ValueError(f"input dtype {x.dtype} does not match the layer's dtype {self.dtype}")
+        if torch.compiler.is_compiling() and self.kernel in OPAQUE_KERNELS and x.numel() > self.in_features:
+            return opaque.linear(x, self.opaque_handle)
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
