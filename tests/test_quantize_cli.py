@@ -1,9 +1,13 @@
 """`slimserve quantize` writes a folder the other commands load; bad settings exit 2 with the reason."""
 
+import json
+
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from slimserve.cli import app
+from slimserve.models.loader import load_model
 
 pytestmark = pytest.mark.real_model
 
@@ -17,6 +21,16 @@ def test_quantize_then_generate_from_the_folder(tmp_path):
                                       "--max-tokens", "4", "--dtype", "bf16"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("The capital of France is") and len(result.output) > 26
+
+
+def test_smoothquant_writes_a_w8a8_model(tmp_path):
+    result = CliRunner().invoke(app, ["quantize", "smollm2-135m", "--method", "smoothquant", "--bits", "8",
+                                      "--group-size", "-1", "--num-calib-samples", "2", "--calib-seq-len", "64",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["act_bits"] == 8
+    model = load_model(tmp_path, torch.bfloat16)
+    assert model.model.layers[0].mlp.down_proj.act_bits == 8
 
 
 def test_group_size_not_dividing_in_features_is_refused(tmp_path):

@@ -95,6 +95,8 @@ def quantize(
     = _QUANT.group_size,
     sym: Annotated[bool, typer.Option("--sym/--asym")] = _QUANT.sym,
     act_order: bool = _QUANT.act_order,
+    act_bits: Annotated[int | None, typer.Option(
+        help="8: int8 activations per token at run time (W8A8); smoothquant's default, else none.")] = None,
     calib: Annotated[str, typer.Option(help="Calibration text: sotu-calib, moby-dick or a file.")] = "sotu-calib",
     num_calib_samples: int = _QUANT.num_calib_samples,
     calib_seq_len: int = _QUANT.calib_seq_len,
@@ -104,9 +106,11 @@ def quantize(
     """Quantize MODEL's linear layers and save a folder that `slimserve eval/serve/generate` load."""
     from slimserve.quant.pipeline import quantize as run_quantize
 
+    if act_bits is None and method == "smoothquant":
+        act_bits = 8  # smoothing moves outliers from activations into weights for int8 activations
     try:
         config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                             num_calib_samples=num_calib_samples, calib_seq_len=calib_seq_len)
+                             act_bits=act_bits, num_calib_samples=num_calib_samples, calib_seq_len=calib_seq_len)
         result = run_quantize(model, config, out, calib_dataset=calib, format=format)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
