@@ -4,9 +4,11 @@ Three measurements (PEERS.md method), greedy, ignore EOS so every engine makes t
 - bs1 decode tok/s = (N - 1) / (t(N tokens) - t(1 token)): prefill excluded for every engine;
 - 32 concurrent requests (different prompts, 64 new tokens each): generated tokens / wall time;
 - TTFT of one 128-token prompt (time to the first generated token).
-Precisions side by side, all from the same shipped weights: slimserve fp32 / bf16 / int8 / int4 vs
-llama.cpp F32 / BF16 / Q8_0 / Q4_0. slimserve's int8 is RTN symmetric per output channel and its int4
-RTN symmetric in groups of 32 (Q4_0's grid), both with bf16 activations; transformers runs fp32 / bf16.
+Precisions side by side, all from the same shipped weights: slimserve fp32 / bf16 / int8 / int4 / w8a8
+vs llama.cpp F32 / BF16 / Q8_0 / Q4_0 / Q8_0. slimserve's int8 is RTN symmetric per output channel and
+its int4 RTN symmetric in groups of 32 (Q4_0's grid), both with bf16 activations; its w8a8 is
+SmoothQuant with int8 activations per token, as llama.cpp's Q8_0 and Q4_0 products quantize
+activations to 8 bits (in blocks of 32); transformers runs fp32 / bf16.
 A profile of slimserve's bf16 bs1 decode and 32-concurrent run says where the time goes.
 Writes benchmarks/results/engine_cpu.md.
 
@@ -14,11 +16,13 @@ Writes benchmarks/results/engine_cpu.md.
 """
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,7 +35,7 @@ from slimserve import LLM, SamplingParams  # noqa: E402
 from slimserve.assets import cache_dir, fetch  # noqa: E402
 from slimserve.eval.datasets import load_text  # noqa: E402
 from slimserve.config import QuantConfig  # noqa: E402
-from slimserve.models.loader import DTYPES  # noqa: E402
+from slimserve.models.loader import DTYPES, load_tokenizer  # noqa: E402
 from slimserve.quant.pipeline import quantize  # noqa: E402
 from slimserve.eval.machine import machine_info  # noqa: E402
 
@@ -43,6 +47,8 @@ PRECISIONS = {
     "bf16": (None, "bf16"),
     "int8": (QuantConfig(bits=8, group_size=-1), "q8_0"),
     "int4": (QuantConfig(bits=4, group_size=32), "q4_0"),
+    "w8a8": (QuantConfig(method="smoothquant", bits=8, group_size=-1, act_bits=8, num_calib_samples=32,
+                         calib_seq_len=512), "q8_0"),
 }
 PROFILED_OPS = 8
 
@@ -97,13 +103,38 @@ def measure(name: str, run, bs1_prompt, concurrent, ttft_prompt, repeats: int, b
 
 
 def slimserve_weights(gguf: Path, precision: str, quant_config: QuantConfig | None) -> Path:
-    """The shipped GGUF itself, or a folder RTN-quantized from it (written once, cached)."""
+    """The shipped GGUF itself, or a folder quantized from it (written once, cached)."""
     if quant_config is None:
         return gguf
-    folder = cache_dir() / "bench" / f"smollm2-135m-{precision}-rtn-g{quant_config.group_size}"
+    folder = cache_dir() / "bench" / f"smollm2-135m-{precision}-{quant_config.method}-g{quant_config.group_size}"
     if not (folder / "config.json").exists():
         quantize(gguf, quant_config, folder, progress=False)
     return folder
+
+
+def slimserve_row(weights: str, dtype: str, compiled: bool, name: str, threads: int, repeats: int,
+                  profiled: bool) -> tuple[dict, list[str]]:
+    """One slimserve engine's row (and its profiles), measured in the process of a spawned worker:
+    a fresh process per engine, where none inherits what earlier engines left (compiled graphs,
+    threads, allocated memory). Run in the benchmark's own process one after another, compiled
+    engines measured slower than alone (bf16 TTFT 148 vs 105-113 ms)."""
+    torch.set_num_threads(threads)
+    # No prefix caching: the runs repeat their prompts, and llama.cpp clears its cache every run.
+    llm = LLM(weights, dtype=dtype, enable_prefix_caching=False, compile=compiled)
+    bs1, concurrent, ttft = benchmark_prompts(llm.tokenizer)
+    run = slimserve_runner(llm)
+    row = measure(name, run, bs1, concurrent, ttft, repeats)
+    profiles = []
+    if profiled:
+        profiles = [profile(f"{name}, bs1 decode of {NEW_TOKENS} tokens", lambda: run([bs1], NEW_TOKENS)),
+                    profile(f"{name}, {NUM_CONCURRENT} concurrent", lambda: run(concurrent, NEW_TOKENS))]
+    return row, profiles
+
+
+def benchmark_prompts(tokenizer) -> tuple[list[int], list[list[int]], list[int]]:
+    """The bs1 prompt (32 tokens), the concurrent prompts (64 tokens each) and the TTFT prompt (128)."""
+    return (prompts_from_corpus(tokenizer, 1, 32)[0], prompts_from_corpus(tokenizer, NUM_CONCURRENT, 64),
+            prompts_from_corpus(tokenizer, 1, 128)[0])
 
 
 def profile(title: str, fn) -> str:
@@ -131,25 +162,22 @@ def main() -> None:
     gguf = fetch("smollm2-135m")
     rows = []
     profiles = []
+    bs1, concurrent, ttft = benchmark_prompts(load_tokenizer(gguf))
     for precision, (quant_config, gguf_type) in PRECISIONS.items():
         dtype = precision if quant_config is None else "bf16"
+        weights = str(slimserve_weights(gguf, precision, quant_config))
         for compiled in (False, True):
-            # No prefix caching: the runs repeat their prompts, and llama.cpp clears its cache every run.
-            llm = LLM(str(slimserve_weights(gguf, precision, quant_config)), dtype=dtype, enable_prefix_caching=False,
-                      compile=compiled)
-            bs1, ttft = prompts_from_corpus(llm.tokenizer, 1, 32)[0], prompts_from_corpus(llm.tokenizer, 1, 128)[0]
-            concurrent = prompts_from_corpus(llm.tokenizer, NUM_CONCURRENT, 64)
-            run = slimserve_runner(llm)
             name = f"slimserve {precision}" + (" compiled" if compiled else "")
-            rows.append(measure(name, run, bs1, concurrent, ttft, args.repeats))
-            if precision == "bf16":
-                profiles += [profile(f"{name}, bs1 decode of {NEW_TOKENS} tokens", lambda: run([bs1], NEW_TOKENS)),
-                             profile(f"{name}, {NUM_CONCURRENT} concurrent", lambda: run(concurrent, NEW_TOKENS))]
-            del llm
-        peer = LlamaCppPeer(requantize(gguf, gguf_type, cache_dir() / "bench"), args.threads, NUM_CONCURRENT)
-        rows.append(measure(f"llama.cpp {gguf_type.upper()}", llamacpp_runner(peer), bs1, concurrent, ttft,
-                            args.repeats))
-        peer.close()
+            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as worker:
+                row, row_profiles = worker.submit(slimserve_row, weights, dtype, compiled, name, args.threads,
+                                                  args.repeats, precision == "bf16").result()
+            rows.append(row)
+            profiles += row_profiles
+        if not any(r["engine"] == f"llama.cpp {gguf_type.upper()}" for r in rows):  # Q8_0 serves two rows
+            peer = LlamaCppPeer(requantize(gguf, gguf_type, cache_dir() / "bench"), args.threads, NUM_CONCURRENT)
+            rows.append(measure(f"llama.cpp {gguf_type.upper()}", llamacpp_runner(peer), bs1, concurrent, ttft,
+                                args.repeats))
+            peer.close()
         if quant_config is None:
             hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                                    dtype=DTYPES[precision])
@@ -167,9 +195,13 @@ def main() -> None:
         "together, generated tokens / wall time; TTFT = one 128-token prompt to its first token. Median of "
         f"{args.repeats} repetitions. transformers runs requests one by one (no batched concurrent row). "
         "slimserve int8 / int4: RTN from the same fp32 weights, per output channel / groups of 32, symmetric, "
-        "bf16 activations (torch's packed int8 / int4 CPU kernels); llama.cpp Q8_0 / Q4_0: blocks of 32. "
-        "'compiled' = `compile=True`: batch-1 decode steps run as one torch.compile graph (prefill and "
-        "batched steps stay eager); "
+        "bf16 activations (torch's packed int8 / int4 CPU kernels); slimserve w8a8: SmoothQuant (32 x 512 "
+        "calibration tokens of `sotu-calib`), int8 weights per output channel and int8 activations per token "
+        "(torch's int8 GEMM); llama.cpp Q8_0 / Q4_0: blocks of 32, whose products quantize the activations "
+        "to 8 bits too (the Q8_0 row serves int8 and w8a8). "
+        "'compiled' = `compile=True`: batch-1 decode steps run as one torch.compile graph and every other "
+        "step as a second one, for any token count, which calls the linear layers and attention as opaque "
+        "operators (`models/opaque.py`); "
         "the warm-up column holds their compile time from an empty torch.compile cache (a first start; later "
         "starts reuse the on-disk cache), excluded from the other columns.",
         "",

@@ -3,9 +3,10 @@
 Concurrency 1 / 8 / 32 / 100, streamed /v1/completions of ~input_len words and exactly output_len
 tokens (ignore_eos), vLLM benchmark_serving definitions (slimserve.eval.serve_bench). Baseline in
 the same run: the server's AsyncLLMEngine without HTTP, one request at a time, for
-TTFT and decode speed. Writes benchmarks/results/serve_cpu.md and serve_cpu.png.
+TTFT and decode speed. Writes benchmarks/results/<name>.md and <name>.png (serve_cpu by default).
 
-    python benchmarks/serve_cpu.py [--input-len 128] [--output-len 32] [--dtype fp32] [--compile]
+    python benchmarks/serve_cpu.py [--model smollm2-135m] [--input-len 128] [--output-len 32] [--dtype fp32]
+        [--compile] [--name serve_cpu]
 """
 import argparse
 import asyncio
@@ -26,17 +27,16 @@ from slimserve.engine.sampling_params import SamplingParams
 from slimserve.eval.machine import machine_info
 from slimserve.eval.serve_bench import ServeBenchConfig, make_prompts, markdown_table, plot, run_serve_bench
 
-MODEL = "smollm2-135m"
 LEVELS = {1: 10, 8: 32, 32: 64, 100: 200}  # concurrency -> requests at that level
 RESULTS = Path(__file__).parent / "results"
 PORT = 8765
 
 
-def engine_alone(prompts: list[str], output_len: int, engine_options: dict) -> tuple[float, float]:
+def engine_alone(model: str, prompts: list[str], output_len: int, engine_options: dict) -> tuple[float, float]:
     """(TTFT ms, decode tok/s) of single requests through the server's AsyncLLMEngine without HTTP:
     the floor the server adds its overhead to. prompts[0] warms up; best of the others, since
     other jobs share the cores. Distinct prompts, so none is answered from the prefix cache."""
-    engine = AsyncLLMEngine.load(EngineConfig(model=MODEL, kv_cache_memory=256 * 2**20, max_model_len=2048,
+    engine = AsyncLLMEngine.load(EngineConfig(model=model, kv_cache_memory=256 * 2**20, max_model_len=2048,
                                               **engine_options))
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=output_len)
 
@@ -57,9 +57,9 @@ def engine_alone(prompts: list[str], output_len: int, engine_options: dict) -> t
     return 1000 * min(ttft for ttft, _ in runs), max(rate for _, rate in runs)
 
 
-def start_server(engine_options: dict) -> subprocess.Popen:
+def start_server(model: str, engine_options: dict) -> subprocess.Popen:
     code = ("from slimserve.config import ServeConfig; from slimserve.serve.server import serve; "
-            f"serve({MODEL!r}, ServeConfig(port={PORT}, max_waiting=1000), **{engine_options!r}, "
+            f"serve({model!r}, ServeConfig(port={PORT}, max_waiting=1000), **{engine_options!r}, "
             "kv_cache_memory=1024 * 2**20, max_model_len=2048)")
     server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 600  # a compiled engine compiles before it is ready
@@ -74,23 +74,25 @@ def start_server(engine_options: dict) -> subprocess.Popen:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="short name or quantized folder")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--dtype", default="fp32")
-    parser.add_argument("--compile", action="store_true", help="serve a compiled engine (batch-1 decode graph)")
+    parser.add_argument("--compile", action="store_true", help="serve a compiled engine")
+    parser.add_argument("--name", default="serve_cpu", help="results file stem")
     args = parser.parse_args()
     engine_options = {"dtype": args.dtype, "compile": args.compile}
     config = ServeBenchConfig(base_url=f"http://127.0.0.1:{PORT}", input_len=args.input_len,
                               output_len=args.output_len)
     machine = machine_info()
     load_before = os.getloadavg()[0]
-    server = start_server(engine_options)
+    server = start_server(args.model, engine_options)
     try:
         # Measured while the server idles, right before its concurrency-1 level, so the two compare.
         # In a process of its own, like the server: torch work on this process's main thread (the
         # bandwidth probe) would give the engine's thread a second OpenMP pool (see async_engine.py).
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            baseline_ttft, baseline_tps = pool.submit(engine_alone, make_prompts(config, 4, 0), args.output_len,
+            baseline_ttft, baseline_tps = pool.submit(engine_alone, args.model, make_prompts(config, 4, 0), args.output_len,
                                                       engine_options).result()
         results, first_prompt = [], 4  # slices 0-3 were the baseline's prompts
         for concurrency, num_prompts in LEVELS.items():
@@ -103,7 +105,7 @@ def main() -> None:
         server.wait(timeout=120)
     table = markdown_table(results)
     report = "\n".join([
-        f"# Serving load: {MODEL} ({args.dtype}{', compiled' if args.compile else ''}) on the CPU",
+        f"# Serving load: {Path(args.model).name} ({args.dtype}{', compiled' if args.compile else ''}) on the CPU",
         "",
         machine.markdown(),
         f"Load average (1 min) of this shared machine: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.",
@@ -120,12 +122,12 @@ def main() -> None:
         f"decode {baseline_tps:.1f} tok/s (TPOT {1000 / baseline_tps:.1f} ms).",
         "",
         *[f"Errors at concurrency {r.concurrency}: {r.errors}\n" for r in results if r.errors],
-        "![serving latency and throughput](serve_cpu.png)",
+        f"![serving latency and throughput]({args.name}.png)",
         "",
     ])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve_cpu.md").write_text(report)
-    plot(results, RESULTS / "serve_cpu.png")
+    (RESULTS / f"{args.name}.md").write_text(report)
+    plot(results, RESULTS / f"{args.name}.png")
     print(report)
 
 

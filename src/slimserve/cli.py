@@ -144,8 +144,8 @@ def _ints(csv: str) -> list[int]:
     return [int(x) for x in csv.split(",")]
 
 
-CompileOption = Annotated[bool, typer.Option(help="Run batch-1 decode steps as a torch.compile graph "
-                                                        "(compiled before the first request).")]
+CompileOption = Annotated[bool, typer.Option(help="Run steps as torch.compile graphs (compiled before the "
+                                                        "first request).")]
 
 
 def _engine(model: str, dtype: str, device: str, compile: bool):
