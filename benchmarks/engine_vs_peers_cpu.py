@@ -53,9 +53,15 @@ PRECISIONS = {
 PROFILED_OPS = 8
 
 
-def prompts_from_corpus(tokenizer, count: int, length: int) -> list[list[int]]:
+def benchmark_prompts(tokenizer) -> tuple[list[int], list[list[int]], list[int]]:
+    """From the start of the corpus: the bs1 prompt (32 tokens), the concurrent prompts (64 tokens
+    each) and the TTFT prompt (128)."""
     ids = tokenizer.encode(load_text("sotu"))
-    return [ids[i * length:(i + 1) * length] for i in range(count)]
+
+    def prompts(count: int, length: int) -> list[list[int]]:
+        return [ids[i * length:(i + 1) * length] for i in range(count)]
+
+    return prompts(1, 32)[0], prompts(NUM_CONCURRENT, 64), prompts(1, 128)[0]
 
 
 def timed(fn) -> float:
@@ -112,8 +118,8 @@ def slimserve_weights(gguf: Path, precision: str, quant_config: QuantConfig | No
     return folder
 
 
-def slimserve_row(weights: str, dtype: str, compiled: bool, name: str, threads: int, repeats: int,
-                  profiled: bool) -> tuple[dict, list[str]]:
+def slimserve_row(weights: str, dtype: str, compiled: bool, name: str, prompts: tuple, threads: int,
+                  repeats: int, profiled: bool) -> tuple[dict, list[str]]:
     """One slimserve engine's row (and its profiles), measured in the process of a spawned worker:
     a fresh process per engine, where none inherits what earlier engines left (compiled graphs,
     threads, allocated memory). Run in the benchmark's own process one after another, compiled
@@ -121,7 +127,7 @@ def slimserve_row(weights: str, dtype: str, compiled: bool, name: str, threads: 
     torch.set_num_threads(threads)
     # No prefix caching: the runs repeat their prompts, and llama.cpp clears its cache every run.
     llm = LLM(weights, dtype=dtype, enable_prefix_caching=False, compile=compiled)
-    bs1, concurrent, ttft = benchmark_prompts(llm.tokenizer)
+    bs1, concurrent, ttft = prompts
     run = slimserve_runner(llm)
     row = measure(name, run, bs1, concurrent, ttft, repeats)
     profiles = []
@@ -129,12 +135,6 @@ def slimserve_row(weights: str, dtype: str, compiled: bool, name: str, threads: 
         profiles = [profile(f"{name}, bs1 decode of {NEW_TOKENS} tokens", lambda: run([bs1], NEW_TOKENS)),
                     profile(f"{name}, {NUM_CONCURRENT} concurrent", lambda: run(concurrent, NEW_TOKENS))]
     return row, profiles
-
-
-def benchmark_prompts(tokenizer) -> tuple[list[int], list[list[int]], list[int]]:
-    """The bs1 prompt (32 tokens), the concurrent prompts (64 tokens each) and the TTFT prompt (128)."""
-    return (prompts_from_corpus(tokenizer, 1, 32)[0], prompts_from_corpus(tokenizer, NUM_CONCURRENT, 64),
-            prompts_from_corpus(tokenizer, 1, 128)[0])
 
 
 def profile(title: str, fn) -> str:
@@ -162,15 +162,15 @@ def main() -> None:
     gguf = fetch("smollm2-135m")
     rows = []
     profiles = []
-    bs1, concurrent, ttft = benchmark_prompts(load_tokenizer(gguf))
+    prompts = bs1, concurrent, ttft = benchmark_prompts(load_tokenizer(gguf))
     for precision, (quant_config, gguf_type) in PRECISIONS.items():
         dtype = precision if quant_config is None else "bf16"
         weights = str(slimserve_weights(gguf, precision, quant_config))
         for compiled in (False, True):
             name = f"slimserve {precision}" + (" compiled" if compiled else "")
             with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as worker:
-                row, row_profiles = worker.submit(slimserve_row, weights, dtype, compiled, name, args.threads,
-                                                  args.repeats, precision == "bf16").result()
+                row, row_profiles = worker.submit(slimserve_row, weights, dtype, compiled, name, prompts,
+                                                  args.threads, args.repeats, precision == "bf16").result()
             rows.append(row)
             profiles += row_profiles
         if not any(r["engine"] == f"llama.cpp {gguf_type.upper()}" for r in rows):  # Q8_0 serves two rows

@@ -92,8 +92,8 @@ def main() -> None:
         # In a process of its own, like the server: torch work on this process's main thread (the
         # bandwidth probe) would give the engine's thread a second OpenMP pool (see async_engine.py).
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            baseline_ttft, baseline_tps = pool.submit(engine_alone, args.model, make_prompts(config, 4, 0), args.output_len,
-                                                      engine_options).result()
+            baseline_ttft, baseline_tps = pool.submit(engine_alone, args.model, make_prompts(config, 4, 0),
+                                                      args.output_len, engine_options).result()
         results, first_prompt = [], 4  # slices 0-3 were the baseline's prompts
         for concurrency, num_prompts in LEVELS.items():
             results += run_serve_bench(replace(config, concurrencies=[concurrency], num_prompts=num_prompts,

@@ -284,4 +284,5 @@ def run(
     typer.echo(f"\nserving {model} (bf16) with the playground at http://127.0.0.1:{port}/ (Ctrl-C drains and stops)")
     # The server gets a fresh process: torch work on this one's main thread (eval, generate) would
     # leave an OpenMP pool that slows the server's engine thread twofold (see engine/async_engine.py).
-    os.execv(sys.executable, [sys.executable, "-m", "slimserve", "serve", model, "--port", str(port), "--dtype", "bf16"])
+    os.execv(sys.executable,
+             [sys.executable, "-m", "slimserve", "serve", model, "--port", str(port), "--dtype", "bf16"])
