@@ -84,7 +84,7 @@ def test_compiled_one_row_int8_matches_packed_kernel(monkeypatch):
 @pytest.mark.parametrize("scheme", [(8, -1, True, None), (4, 32, True, None), (8, -1, True, 8)])
 def test_compiled_rows_match_eager(scheme):
     """In a compiled graph of several rows, the packed int8/int4 kernels run as opaque calls of the
-    layer itself (models/opaque.py); W8A8 is traced."""
+    layer itself (models/opaque.py); W8A8 is traced but for its prepacked integer product."""
     bits, group_size, sym, act_bits = scheme
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(nn.Linear(128, 48).to(torch.bfloat16),
@@ -92,12 +92,17 @@ def test_compiled_rows_match_eager(scheme):
     opaque.register(layer)
     calls = []
     layer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    products = []
+    if layer.kernel is Kernel.W8A8_CPU:
+        int8_matmul = layer.int8_matmul
+        layer.int8_matmul = lambda x_u8: products.append(x_u8.shape[0]) or int8_matmul(x_u8)
     compiled = torch.compile(layer, fullgraph=True, dynamic=True)
     with torch.no_grad():
         for rows in (5, 33):  # the second reuses the graph compiled for the first
             x = torch.randn(rows, 128, dtype=torch.bfloat16)
-            calls.clear()
+            calls.clear(), products.clear()
             out = compiled(x)
+            assert products == ([rows] if layer.kernel is Kernel.W8A8_CPU else [])
             # opaque: the same kernel; traced W8A8 may round an activation to the other integer
             exact = layer.kernel in qlinear.OPAQUE_KERNELS
             torch.testing.assert_close(out, layer(x), **(dict(atol=0, rtol=0) if exact else TOLERANCES[torch.bfloat16]))

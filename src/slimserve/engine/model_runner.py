@@ -21,10 +21,12 @@ logger = logging.getLogger(__name__)
 
 MiB = 2**20
 # Inductor inlines a pointwise input into the reduction reading it unless the input reads more than
-# this many buffers (12 on the CPU by default). Inlined into a matrix-vector product, the residual add
-# and RMSNorm before it are recomputed for every output row: SmolLM2-135M int8 layers took 8.7 ms
-# per step that way, 5.1 ms with the normalized row stored once.
-DECODE_GRAPH_OPTIONS = {"realize_acc_reads_threshold": 2}
+# realize_acc_reads_threshold buffers (12 on the CPU by default) or takes more than
+# realize_opcount_threshold operations (30). Inlined into a matrix-vector product, the input is
+# recomputed for every output row: the residual add and RMSNorm before SmolLM2-135M's int8 layers
+# (8.7 ms per step that way, 5.1 ms with the normalized row stored once), W8A8's activation
+# quantization (15.6 ms per step, 6.4 ms stored once).
+DECODE_GRAPH_OPTIONS = {"realize_acc_reads_threshold": 2, "realize_opcount_threshold": 4}
 
 
 class ModelRunner:

@@ -87,9 +87,12 @@ def pack_linears(model: nn.Module, keep_weights: bool = False) -> None:
 
 def prepare_for_inference(model: nn.Module, compiled: bool = False) -> nn.Module:
     """Fuse the projections the architecture allows, then prepack for the CPU (keeping the plain
-    weights too for a compiled engine's one-row graph); returns the model."""
+    weights too, float or int8, for a compiled engine's one-row graph); returns the model."""
     for module in model.modules():
         if hasattr(module, "fuse_projections"):
             module.fuse_projections()
     pack_linears(model, keep_weights=compiled)
+    for module in model.modules():
+        if compiled and hasattr(module, "keep_plain_weight"):  # quantized layers (QuantLinear)
+            module.keep_plain_weight()
     return model
