@@ -4,17 +4,21 @@ Through the public LLM API only, greedy, EOS ignored (PEERS.md method):
 - decode tok/s at batch B = B * (N - 1) / (t(B prompts, N tokens) - t(B prompts, 1 token)), so
   prefill cancels out; B = 1 and B = 8 (8 different prompts submitted together);
 - prefill: time to the first token of one 512-token prompt.
-Each repetition measures every model in turn, so a neighbour's load hits all of them alike; the
-table gives medians and each row's ratio to bf16. Writes benchmarks/results/quant_speed_cpu.md.
+Each model is measured in a fresh spawned process (compiled graphs and thread pools of one engine
+slowed the next); the load average before each repetition is recorded beside the table, which
+gives medians and each row's ratio to bf16. Writes benchmarks/results/quant_speed_cpu.md, or
+quant_speed_cpu_compiled.md with --compile.
 
-    python benchmarks/quant_speed_cpu.py [--threads 2] [--repeats 5]
+    python benchmarks/quant_speed_cpu.py [--threads 2] [--repeats 5] [--compile]
 """
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ from slimserve import LLM, SamplingParams
 from slimserve.config import QuantConfig
 from slimserve.eval.datasets import load_text
 from slimserve.eval.machine import machine_info
+from slimserve.models.loader import load_tokenizer
 from slimserve.quant.pipeline import quantize
 from slimserve.quant.qlinear import PACKED_CPU_MAX_ROWS, Kernel
 
@@ -42,6 +47,9 @@ VARIANTS = {
     "int4 g64 asym": QuantConfig(bits=4, group_size=64, sym=False),
     "int8 W8A8 dynamic": QuantConfig(bits=8, group_size=-1, sym=True, act_bits=8),
 }
+COMPILED_NOTE = (" (batch-1 decode as one torch.compile graph, in which bf16, int8 and W8A8 layers "
+                 "stream their plain weight through kernels/gemv.py, every other step as a second graph "
+                 "calling the kernels below; compile time excluded)")
 COLUMNS = [f"bs{b} decode tok/s" for b in BATCH_SIZES] + [f"prefill {PREFILL_TOKENS} ms"]
 
 
@@ -77,39 +85,52 @@ def verdict(ratios: dict[str, float]) -> str:
     return "yes" if not slower else "no: " + ", ".join(slower)
 
 
+def measure_variant(path: str, compiled: bool, threads: int, repeats: int,
+                    decode_prompts: list[list[int]], prefill_prompt: list[int]) -> tuple[dict, list[float]]:
+    """Every column's samples for one model, measured in a spawned worker of its own: a fresh
+    process per engine, where none inherits another's compiled graphs, threads or memory."""
+    torch.set_num_threads(threads)
+    # no prefix caching: every repetition's prefill must compute its prompt again
+    llm = LLM(path, dtype="bf16", kv_cache_memory=KV_CACHE_MEMORY, enable_prefix_caching=False,
+              compile=compiled)
+    runner(llm)(decode_prompts, 4)  # warm-up: first calls allocate buffers, set up kernels, compile
+    runner(llm)([prefill_prompt], 1)
+    samples, loads = {column: [] for column in COLUMNS}, []
+    for _ in range(repeats):
+        loads.append(os.getloadavg()[0])
+        for column, value in measure(llm, decode_prompts, prefill_prompt).items():
+            samples[column].append(value)
+    return samples, loads
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant_speed_cpu.md")
+    parser.add_argument("--compile", action="store_true", help="measure compiled engines (compile=True)")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    out = args.out or Path(__file__).parent / "results" / f"quant_speed_cpu{'_compiled' if args.compile else ''}.md"
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
     machine = machine_info()
+    ids = load_tokenizer(MODEL).encode(load_text("sotu"))
+    decode_prompts = [ids[i * DECODE_PROMPT_TOKENS:(i + 1) * DECODE_PROMPT_TOKENS] for i in range(8)]
+    prefill_prompt = ids[-PREFILL_TOKENS:]
+    samples, loads = {}, []
+    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as folders:
-        llms = {}
         for name, config in VARIANTS.items():
             path = MODEL
             if config is not None:
-                path = Path(folders) / name.replace(" ", "-").replace(",", "")
-                quantize(MODEL, config, path, progress=False, dtype="bf16")
-            # no prefix caching: every repetition's prefill must compute its prompt again
-            llms[name] = LLM(str(path), dtype="bf16", kv_cache_memory=KV_CACHE_MEMORY,
-                             enable_prefix_caching=False)
-        ids = llms["bf16"].tokenizer.encode(load_text("sotu"))
-        decode_prompts = [ids[i * DECODE_PROMPT_TOKENS:(i + 1) * DECODE_PROMPT_TOKENS] for i in range(8)]
-        prefill_prompt = ids[-PREFILL_TOKENS:]
-        samples = {name: {column: [] for column in COLUMNS} for name in llms}
-        loads = []
-        for llm in llms.values():  # warm-up: first calls allocate buffers and set up kernels
-            runner(llm)(decode_prompts, 4)
-            runner(llm)([prefill_prompt], 1)
-        for repeat in range(args.repeats):
-            loads.append(os.getloadavg()[0])
-            for name, llm in llms.items():
-                for column, value in measure(llm, decode_prompts, prefill_prompt).items():
-                    samples[name][column].append(value)
-            print(f"repetition {repeat + 1}/{args.repeats} done, load average {loads[-1]:.2f}", flush=True)
+                folder = Path(folders) / name.replace(" ", "-").replace(",", "")
+                quantize(MODEL, config, folder, progress=False, dtype="bf16")
+                path = str(folder)
+            with ProcessPoolExecutor(1, mp_context=spawn) as worker:
+                samples[name], variant_loads = worker.submit(
+                    measure_variant, path, args.compile, args.threads, args.repeats, decode_prompts,
+                    prefill_prompt).result()
+            loads += variant_loads
+            print(f"{name} done, load average {', '.join(f'{x:.2f}' for x in variant_loads)}", flush=True)
     medians = {name: {c: statistics.median(v) for c, v in row.items()} for name, row in samples.items()}
     base = medians["bf16"]
     lines = [
@@ -118,19 +139,21 @@ def main() -> None:
         machine.markdown(),
         "",
         f"{args.threads} threads; RTN-quantized folders written by slimserve.quant.pipeline, loaded with "
-        f"`LLM(folder, dtype=\"bf16\", enable_prefix_caching=False)`. Greedy, EOS ignored, {NEW_TOKENS} "
+        f"`LLM(folder, dtype=\"bf16\", enable_prefix_caching=False, compile={args.compile})` in a fresh "
+        f"process each{COMPILED_NOTE if args.compile else ''}. Greedy, EOS ignored, {NEW_TOKENS} "
         f"new tokens after "
         f"{DECODE_PROMPT_TOKENS}-token prompts; bs8 = 8 different prompts submitted together; decode "
         f"excludes prefill (a 1-token run is subtracted); prefill = time to the first token of one "
-        f"{PREFILL_TOKENS}-token prompt. Median of {args.repeats} repetitions, every model measured in "
-        f"each; load average (1 min) at the start of each repetition: "
+        f"{PREFILL_TOKENS}-token prompt. Median of {args.repeats} repetitions per model; load average "
+        f"(1 min) at the start of each repetition, model by model: "
         + ", ".join(f"{load:.2f}" for load in loads) + ". Ratios are vs bf16 (> 1 is faster; for prefill, "
         "bf16 time / model time).",
         "",
         f"Kernels: bf16 layers run oneDNN matmuls; int8 W8A16 layers run `_weight_int8pack_mm` up to "
         f"{PACKED_CPU_MAX_ROWS[Kernel.INT8_CPU]} rows and int4 layers `_weight_int4pack_mm_for_cpu` up to "
         f"{PACKED_CPU_MAX_ROWS[Kernel.INT4_CPU]} rows (decode), above that (prefill) the weight dequantized to "
-        "bf16 and a bf16 GEMM; W8A8 layers quantize activations per token and run `torch._int_mm`.",
+        "bf16 and a bf16 GEMM; W8A8 layers quantize activations per token and run oneDNN's int8 GEMM on "
+        "a prepacked weight (`onednn.qlinear_pointwise`).",
         "",
         *([f"**Load average above {os.cpu_count()} cores: neighbours shared the CPU, so ratios are noisy.**", ""]
           if max(loads) > os.cpu_count() else []),
@@ -141,7 +164,7 @@ def main() -> None:
         ratios = {c: row[c] / base[c] if "decode" in c else base[c] / row[c] for c in COLUMNS}
         cells = " | ".join(f"{row[c]:.1f} ({ratios[c]:.2f}x)" for c in COLUMNS)
         lines.append(f"| {name} | {cells} | {'—' if name == 'bf16' else verdict(ratios)} |")
-    args.out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
