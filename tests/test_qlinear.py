@@ -201,6 +201,18 @@ def test_concat_equals_stacked_outputs(scheme, bias):
         torch.testing.assert_close(fused(x), expected, **TOLERANCES[torch.bfloat16])
 
 
+@pytest.mark.parametrize("scheme", CONCAT_SCHEMES)
+def test_state_dict_loads_into_a_materialized_layer(scheme):
+    """Every kernel, W8A8's prepacked one included, takes another layer's state dict in place."""
+    bits, group_size, sym, act_bits = scheme
+    config = QuantConfig(bits=bits, group_size=group_size, sym=sym, act_bits=act_bits)
+    source, target = (QuantLinear.from_linear(linear(dtype=torch.bfloat16, seed=s), config) for s in (0, 1))
+    target.load_state_dict(source.state_dict())
+    assert target.kernel is source.kernel
+    x = inputs((5, 768), torch.bfloat16)
+    assert torch.equal(target(x), source(x))
+
+
 def test_concat_keeps_act_order():
     weights = [linear(in_features=256, out_features=64, dtype=torch.bfloat16, seed=s) for s in (0, 1)]
     g_idx = torch.randperm(256, generator=torch.Generator().manual_seed(0)) // 32

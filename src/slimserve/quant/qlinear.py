@@ -416,8 +416,10 @@ class QuantLinear(nn.Module):
         unexpected_keys.extend(prefix + name for name in sorted(unexpected))
         if missing:
             return
-        # A layer built on "meta" takes the tensors' device; a materialized one keeps its own.
-        device = self.qweight.device if self.qweight.device.type != "meta" else None
+        # A layer built on "meta" takes the tensors' device; a materialized one keeps its own
+        # (W8A8_CPU holds no qweight, only its prepacked weight and scales).
+        held = self.qweight if self.qweight is not None else self.scales
+        device = held.device if held.device.type != "meta" else None
         tensors = {name: state_dict[prefix + name].to(device) for name in names}
         g_idx = state_dict.get(prefix + "g_idx")
         self.set_quantized(
