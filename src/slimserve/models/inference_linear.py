@@ -92,7 +92,8 @@ def prepare_for_inference(model: nn.Module, compiled: bool = False) -> nn.Module
         if hasattr(module, "fuse_projections"):
             module.fuse_projections()
     pack_linears(model, keep_weights=compiled)
-    for module in model.modules():
-        if compiled and hasattr(module, "keep_plain_weight"):  # quantized layers (QuantLinear)
-            module.keep_plain_weight()
+    if compiled:
+        for module in model.modules():
+            if hasattr(module, "keep_plain_weight"):  # quantized layers (QuantLinear)
+                module.keep_plain_weight()
     return model

@@ -311,8 +311,7 @@ class QuantLinear(nn.Module):
             q = unpack_bits(self.qweight, self.bits, dim=1)
             scales, zeros = self.scales, self.zeros
         else:
-            signed = self.qweight if self.qweight is not None else self.onednn[0].to_dense().t()
-            q = (signed.to(torch.int16) + 128).to(torch.uint8)
+            q = (self._signed_weight().to(torch.int16) + 128).to(torch.uint8)
             scales = self.scales[: self.scale_rows, None]
             zeros = torch.full(scales.shape, 128, dtype=torch.uint8, device=q.device)
         if self.perm is None:
@@ -386,7 +385,12 @@ class QuantLinear(nn.Module):
         prepacked one, which kernels.gemv streams at 23 GB/s where oneDNN's one-row product reads
         13 (SmolLM2-135M's layers, Zen 4). The layer then holds its weight twice."""
         if self.kernel is Kernel.W8A8_CPU and self.qweight is None:
-            self.qweight = self.onednn[0].to_dense().t().contiguous()
+            self.qweight = self._signed_weight().contiguous()
+
+    def _signed_weight(self) -> Tensor:
+        """The symmetric 8-bit kernels' int8 weight (out, in), unpacked from oneDNN's layout if
+        that is the only copy held (W8A8_CPU)."""
+        return self.qweight if self.qweight is not None else self.onednn[0].to_dense().t()
 
     def int8_matmul(self, x_u8: Tensor) -> Tensor:
         """W8A8_CPU's integer product: x_u8 (rows, in), int8 activations + 128, times the int8
