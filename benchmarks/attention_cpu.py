@@ -1,9 +1,15 @@
-"""Prefill attention on the CPU: slimserve's query-block path vs torch's scaled_dot_product_attention.
+"""Attention on the CPU, one model's shape (SmolLM2-135M: 9 query heads, 3 KV heads, head_dim 64), bf16.
 
-One layer of SmolLM2-135M's shape (9 query heads, 3 KV heads, head_dim 64), bf16, a causal prompt
-of each length attending to itself, as the engine's prefill does. torch's call gets the same
-causal mask (its is_causal flag measured no faster). Each repetition times both in turn; the table
-gives medians. Writes benchmarks/results/attention_cpu.md.
+Prefill: slimserve's query-block path vs torch's scaled_dot_product_attention, a causal prompt of
+each length attending to itself, as the engine's prefill does. torch's call gets the same causal
+mask (its is_causal flag measured no faster).
+
+Batched decode: one new token for each of n sequences against its context in the paged KV cache,
+the eager path (`PagedAttention._decode`: gather the blocks, fp32 matmuls) vs the compiled kernel
+of compiled engines (`compiled_decode_attention`). Timed over the 30 layers of a step, each with its
+own cache, so keys and values come from memory as in a real step.
+
+Each repetition times both sides in turn; the tables give medians. Writes benchmarks/results/attention_cpu.md.
 
     python benchmarks/attention_cpu.py [--threads 2] [--repeats 5]
 """
@@ -17,10 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from slimserve.eval.machine import machine_info
-from slimserve.models.attention import QUERY_BLOCK, AttentionMetadata, PagedAttention
+from slimserve.models.attention import QUERY_BLOCK, AttentionMetadata, PagedAttention, compiled_decode_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 LENGTHS = (128, 256, 512, 1024, 2048)
+LAYERS, BLOCK_SIZE = 30, 16
+DECODES = ((1, 1024), (1, 2048), (4, 512), (8, 2048), (32, 128), (32, 512))  # (sequences, context tokens)
 
 
 def per_call_ms(fn, min_seconds: float = 0.3) -> float:
@@ -32,14 +40,15 @@ def per_call_ms(fn, min_seconds: float = 0.3) -> float:
     return elapsed / calls * 1e3
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    machine = machine_info()
-    attention = PagedAttention(0, HEADS, KV_HEADS, HEAD_DIM)
+def medians(fns: dict, repeats: int) -> dict[str, float]:
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(per_call_ms(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def prefill_rows(attention: PagedAttention, repeats: int) -> list[str]:
     rows = []
     for length in LENGTHS:
         q = torch.randn(length, HEADS, HEAD_DIM, dtype=torch.bfloat16)
@@ -54,25 +63,70 @@ def main() -> None:
             return F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, enable_gqa=True)
 
         error = (ours().float() - torch_sdpa().transpose(0, 1).float()).abs().max().item()
-        times = {"ours": [], "torch": []}
-        for _ in range(args.repeats):
-            times["ours"].append(per_call_ms(ours))
-            times["torch"].append(per_call_ms(torch_sdpa))
-        ours_ms, torch_ms = statistics.median(times["ours"]), statistics.median(times["torch"])
-        rows.append(f"| {length} | {ours_ms:.2f} | {torch_ms:.2f} | {torch_ms / ours_ms:.2f}x | {error:.1e} |")
+        ms = medians({"ours": ours, "torch": torch_sdpa}, repeats)
+        rows.append(f"| {length} | {ms['ours']:.2f} | {ms['torch']:.2f} | {ms['torch'] / ms['ours']:.2f}x | "
+                     f"{error:.1e} |")
         print(rows[-1], flush=True)
+    return rows
+
+
+def decode_rows(attention: PagedAttention, repeats: int) -> list[str]:
+    rows = []
+    for num_seqs, context in DECODES:
+        blocks_per_seq = context // BLOCK_SIZE
+        num_blocks = num_seqs * blocks_per_seq
+        kv_cache = torch.randn(LAYERS, 2, KV_HEADS, num_blocks, BLOCK_SIZE, HEAD_DIM, dtype=torch.bfloat16)
+        block_tables = torch.randperm(num_blocks).view(num_seqs, blocks_per_seq)  # scattered, as in use
+        q = torch.randn(num_seqs, HEADS, HEAD_DIM, dtype=torch.bfloat16)
+        meta = AttentionMetadata(list(range(num_seqs + 1)), [context] * num_seqs, block_tables=block_tables,
+                                 kv_cache=kv_cache, num_decode_seqs=num_seqs)
+        tables, _, context_lens = meta.decode_layout()
+
+        def eager():
+            return [attention._decode(q, None, None, *kv_cache[layer], meta) for layer in range(LAYERS)]
+
+        def compiled():
+            return [compiled_decode_attention(q, *kv_cache[layer], tables, context_lens, attention.scale, None)
+                    for layer in range(LAYERS)]
+
+        error = max((a.float() - b.float()).abs().max().item() for a, b in zip(eager(), compiled()))
+        ms = medians({"eager": eager, "compiled": compiled}, repeats)
+        rows.append(f"| {num_seqs} | {context} | {ms['eager']:.1f} | {ms['compiled']:.1f} | "
+                    f"{ms['eager'] / ms['compiled']:.2f}x | {error:.1e} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    machine = machine_info()
+    attention = PagedAttention(0, HEADS, KV_HEADS, HEAD_DIM)
     text = "\n".join([
-        "# Prefill attention on the CPU: one layer, SmolLM2-135M's shape, bf16", "",
+        "# Attention on the CPU: SmolLM2-135M's shape, bf16", "",
         machine.markdown(), "",
-        f"A causal prompt attending to itself; {HEADS} query heads, {KV_HEADS} KV heads, head_dim {HEAD_DIM}. "
-        f"slimserve: `PagedAttention._attend` (fp32 matmul-softmax-matmul in blocks of {QUERY_BLOCK} query rows, "
-        "each against the keys it may see; the block masks made once and reused, as a step's layers share "
-        "them); torch: `scaled_dot_product_attention` with the causal mask and "
-        f"`enable_gqa`. Medians of {args.repeats} repetitions, each timed over at least 0.3 s; "
-        "max |difference| of the outputs in the last column.", "",
+        f"{HEADS} query heads, {KV_HEADS} KV heads, head_dim {HEAD_DIM}. Medians of {args.repeats} repetitions, "
+        "each timed over at least 0.3 s; max |difference| of the outputs in the last column.", "",
+        "## Prefill, one layer", "",
+        "A causal prompt attending to itself. slimserve: `PagedAttention._attend` (fp32 matmul-softmax-matmul "
+        f"in blocks of {QUERY_BLOCK} query rows, each against the keys it may see; the block masks made once and "
+        "reused, as a step's layers share them); torch: `scaled_dot_product_attention` with the causal mask and "
+        "`enable_gqa`.", "",
         "| prompt tokens | slimserve ms | torch SDPA ms | speed-up | max abs diff |",
         "|---|---|---|---|---|",
-        *rows, ""])
+        *prefill_rows(attention, args.repeats), "",
+        f"## Batched decode, the {LAYERS} layers of a step", "",
+        f"One new token for each sequence, its context in scattered cache blocks of {BLOCK_SIZE} tokens, each "
+        "layer's cache its own (keys and values come from memory, as in a real step). eager: "
+        "`PagedAttention._decode` (gathers the blocks, converts them to fp32, matmul-softmax-matmul), the path "
+        "of engines without compile; compiled: `compiled_decode_attention`, the kernel that compiled engines "
+        "call for the decodes of every step of two tokens or more (one compilation for all sizes).", "",
+        "| sequences | context tokens | eager ms | compiled ms | speed-up | max abs diff |",
+        "|---|---|---|---|---|---|",
+        *decode_rows(attention, args.repeats), ""])
     out = Path(__file__).parent / "results" / "attention_cpu.md"
     out.write_text(text)
     print(f"wrote {out}")

@@ -9,7 +9,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from slimserve.errors import CheckpointError
-from slimserve.models.attention import QUERY_BLOCK, AttentionMetadata
+from slimserve.models.attention import QUERY_BLOCK, AttentionMetadata, PagedAttention, compiled_decode_attention
 from slimserve.models.inference_linear import PackedLinear, prepare_for_inference
 from slimserve.models.loader import load_model
 
@@ -111,6 +111,28 @@ def test_batched_decode_matches_per_sequence_decode(pair):
         meta = AttentionMetadata([0, 1, 2, 3], [n + 1 for n in lens], slots, tables, kv_cache.clone(), num_decode)
         logits[num_decode] = ours.compute_logits(ours(ids, positions, meta))
     torch.testing.assert_close(logits[3], logits[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 8])
+def test_compiled_decode_attention_matches_the_eager_one(sliding_window):
+    """Compiled engines' batched decode attention (one kernel reading the cache blocks in place)
+    equals the eager gather + matmul path: padded block tables, contexts within one block and over
+    several, a sliding window. Its one compilation serves every batch and context size."""
+    torch.manual_seed(0)
+    num_kv_heads, group, head_dim, block_size = 2, 3, 16, 4
+    k_cache, v_cache = torch.randn(2, num_kv_heads, 12, block_size, head_dim, dtype=torch.bfloat16)
+    attention = PagedAttention(0, num_kv_heads * group, num_kv_heads, head_dim, sliding_window)
+    graphs = []
+    for lens, tables in (([9, 3, 14], [[5, 1, 9, -1], [2, -1, -1, -1], [0, 3, 7, 11]]), ([2], [[6]])):
+        q = torch.randn(len(lens), num_kv_heads * group, head_dim, dtype=torch.bfloat16)
+        meta = AttentionMetadata(list(range(len(lens) + 1)), lens, block_tables=torch.tensor(tables),
+                                 kv_cache=torch.stack([k_cache, v_cache])[None], num_decode_seqs=len(lens))
+        block_tables, _, context_lens = meta.decode_layout()
+        got = compiled_decode_attention(q, k_cache, v_cache, block_tables, context_lens, attention.scale,
+                                        sliding_window)
+        torch.testing.assert_close(got, attention._decode(q, None, None, k_cache, v_cache, meta))
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0]
 
 
 def test_sharded_checkpoint_loads(pair, tmp_path):

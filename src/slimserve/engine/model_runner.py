@@ -153,14 +153,16 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile the graphs now rather than at the first requests' steps: batch-1 decode (contexts
-        of one block and of more) and the step of two tokens or more. The two blocks written are
-        zeroed again afterwards."""
+        of one block and of more), and the step of two tokens or more with the batched decode
+        attention it calls (a step of two one-token sequences). The two blocks written are zeroed
+        again afterwards."""
         if self.compiled_decode is None:
             return
         for num_blocks in (1, 2)[:self.blocks_per_seq]:  # no 2-block graph where no context needs 2
             last = num_blocks * self.block_size - 1  # the slot of the last position, blocks 0..num_blocks-1
             self._run_compiled([0], [last], [last], [list(range(num_blocks))], [last + 1])
-        meta = AttentionMetadata([0, 2], [2], self._tensor([0, 1]), self._tensor([[0]]), self.kv_cache)
+        meta = AttentionMetadata([0, 1, 2], [1, 2], self._tensor([0, 1]), self._tensor([[0], [0]]), self.kv_cache,
+                                 num_decode_seqs=2)
         self._forward(self._tensor([0, 0]), self._tensor([0, 1]), meta)
         self.kv_cache[:, :, :, :2].zero_()
         self.warmed_up = True
