@@ -9,8 +9,10 @@ from slimserve.engine.sampling_params import SamplingParams
 
 class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, **engine_options):
-        """engine_options: any EngineConfig field (dtype, device, kv_cache_memory, max_model_len, ...)."""
+        """engine_options: any EngineConfig field (dtype, device, kv_cache_memory, max_model_len, ...).
+        With compile=True, the engine's graphs are compiled here, before the first generate."""
         self.engine = LLMEngine(EngineConfig.from_options(model, **engine_options))
+        self.engine.warm_up()
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: str | list[str] | list[list[int]],
