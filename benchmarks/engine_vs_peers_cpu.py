@@ -36,7 +36,7 @@ from slimserve.assets import cache_dir, fetch  # noqa: E402
 from slimserve.eval.datasets import load_text  # noqa: E402
 from slimserve.config import QuantConfig  # noqa: E402
 from slimserve.models.loader import DTYPES, load_tokenizer  # noqa: E402
-from slimserve.quant.pipeline import quantize  # noqa: E402
+from slimserve.quant.pipeline import cached_quantize  # noqa: E402
 from slimserve.eval.machine import machine_info  # noqa: E402
 
 NEW_TOKENS = 64
@@ -108,14 +108,9 @@ def measure(name: str, run, bs1_prompt, concurrent, ttft_prompt, repeats: int, b
     return row
 
 
-def slimserve_weights(gguf: Path, precision: str, quant_config: QuantConfig | None) -> Path:
+def slimserve_weights(gguf: Path, quant_config: QuantConfig | None) -> Path:
     """The shipped GGUF itself, or a folder quantized from it (written once, cached)."""
-    if quant_config is None:
-        return gguf
-    folder = cache_dir() / "bench" / f"smollm2-135m-{precision}-{quant_config.method}-g{quant_config.group_size}"
-    if not (folder / "config.json").exists():
-        quantize(gguf, quant_config, folder, progress=False)
-    return folder
+    return gguf if quant_config is None else cached_quantize(gguf, quant_config, progress=False)
 
 
 def slimserve_row(weights: str, dtype: str, compiled: bool, name: str, prompts: tuple, threads: int,
@@ -168,7 +163,7 @@ def main() -> None:
     prompts = bs1, concurrent, ttft = benchmark_prompts(load_tokenizer(gguf))
     for precision, (quant_config, gguf_type) in PRECISIONS.items():
         dtype = precision if quant_config is None else "bf16"
-        weights = str(slimserve_weights(gguf, precision, quant_config))
+        weights = str(slimserve_weights(gguf, quant_config))
         for compiled in (False, True):
             name = f"slimserve {precision}" + (" compiled" if compiled else "")
             with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as worker:

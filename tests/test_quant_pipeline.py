@@ -14,7 +14,8 @@ from slimserve.models.attention import AttentionMetadata
 from slimserve.models.loader import load_config, load_model, load_tokenizer
 from slimserve.quant.calibrate import calibration_batches
 from slimserve.quant.formats import save_model
-from slimserve.quant.pipeline import quantize, quantize_test
+from slimserve.quant import pipeline
+from slimserve.quant.pipeline import cached_quantize, quantize, quantize_test
 
 WORDS = "the world 12 turns on the hour and a war ends where the worn road runs to the sea".split()
 
@@ -112,6 +113,32 @@ def test_quantize_rejects_bad_requests(tiny, tmp_path):
     too_long = QuantConfig(method="gptq", num_calib_samples=1, calib_seq_len=4096)
     with pytest.raises(ValueError, match="calib_seq_len 4096 exceeds the model's context 1024"):
         quantize(model_path, too_long, tmp_path, calib_dataset=str(text), progress=False)
+
+
+def test_cached_quantize_writes_once_and_no_partial_folder_passes_for_finished(tiny, tmp_path, monkeypatch):
+    """A run interrupted after saving, before it completes, leaves no folder that a later call would
+    take for finished; the next call quantizes again, later calls return its folder untouched."""
+    model_path, text = tiny
+    monkeypatch.setenv("SLIMSERVE_CACHE", str(tmp_path))
+    config = QuantConfig(bits=8, group_size=-1)
+    save_model_now = pipeline.save_model
+
+    def save_then_interrupt(*args, **kwargs):
+        save_model_now(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "save_model", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        cached_quantize(model_path, config, str(text), progress=False)
+    assert [p.suffix for p in (tmp_path / "quantized").iterdir()] == [".partial"]
+    monkeypatch.setattr(pipeline, "save_model", save_model_now)
+    folder = cached_quantize(model_path, config, str(text), progress=False)
+    assert list((tmp_path / "quantized").iterdir()) == [folder]
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["bits"] == 8
+    written = (folder / "config.json").stat().st_mtime_ns
+    assert cached_quantize(model_path, config, str(text), progress=False) == folder
+    assert (folder / "config.json").stat().st_mtime_ns == written
+    assert cached_quantize(model_path, QuantConfig(bits=4, group_size=32), str(text), progress=False) != folder
 
 
 def test_quantize_test_writes_table_and_plots(tiny, tmp_path):

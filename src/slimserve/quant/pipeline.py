@@ -1,22 +1,26 @@
 """Quantize a model into a folder, and the seed's experiment: a sweep of precisions, measured and reported.
 
 quantize: load in fp32 (methods see full-precision weights and activations), calibrate, quantize,
-cast to the storage dtype, save. quantize_test: one folder per precision under out_dir, each
+cast to the storage dtype, save; cached_quantize does it once per model and config, into the cache.
+quantize_test: one folder per precision under out_dir, each
 loaded back from disk in a fresh process and measured (bytes on disk, peak RAM, perplexity,
 decode speed).
 """
 
+import hashlib
+import json
 import multiprocessing
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from slimserve.assets import resolve_model
+from slimserve.assets import cache_dir, resolve_model
 from slimserve.config import QuantConfig
 from slimserve.engine.sampling_params import SamplingParams
 from slimserve.eval.datasets import load_text
@@ -107,6 +111,23 @@ def quantize(
     save_model(model, load_config(path), out_dir, format, config, tokenizer_source=path)
     return QuantizeResult(out_dir, seconds, peak_rss_bytes(), disk_bytes(out_dir),
                           len(calib_batches), config.calib_seq_len if calib_batches else 0)
+
+
+def cached_quantize(model_spec: str | Path, config: QuantConfig, calib_dataset: str = "sotu-calib",
+                    progress: bool = True) -> Path:
+    """The folder of model_spec quantized with config (bf16 storage), written into the cache by the
+    first call and returned as it is by later calls with the same model spec, config and calibration
+    text. It is written under a temporary name and renamed once complete, so an interrupted run
+    leaves nothing that a later call would take for finished."""
+    key = json.dumps([str(model_spec), asdict(config), calib_dataset], sort_keys=True)
+    name = f"{Path(str(model_spec)).name}-{config.method}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    folder = cache_dir() / "quantized" / name
+    if not folder.exists():
+        partial = folder.with_name(name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        quantize(model_spec, config, partial, calib_dataset, progress=progress)
+        partial.rename(folder)
+    return folder
 
 
 @dataclass
