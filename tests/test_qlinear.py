@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimserve.config import QuantConfig
+from slimserve.eval.evaluate import module_bytes
 from slimserve.kernels.gemv import gemv
 from slimserve.models import opaque
 from slimserve.quant import qlinear
@@ -211,6 +212,16 @@ def test_state_dict_loads_into_a_materialized_layer(scheme):
     assert target.kernel is source.kernel
     x = inputs((5, 768), torch.bfloat16)
     assert torch.equal(target(x), source(x))
+
+
+@pytest.mark.parametrize("scheme", CONCAT_SCHEMES)
+def test_module_bytes_counts_the_weight_whatever_its_storage(scheme):
+    """W8A8's prepacked oneDNN weight lies outside the parameters and buffers; it still counts."""
+    bits, group_size, sym, act_bits = scheme
+    layer = QuantLinear.from_linear(linear(dtype=torch.bfloat16), QuantConfig(bits=bits, group_size=group_size,
+                                                                              sym=sym, act_bits=act_bits))
+    weight_bytes = 192 * 768 * bits // 8
+    assert weight_bytes < module_bytes(layer) < weight_bytes * 1.15
 
 
 def test_concat_keeps_act_order():

@@ -34,7 +34,12 @@ def disk_bytes(path: Path) -> int:
 
 
 def module_bytes(model: torch.nn.Module) -> int:
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}  # tied weights once
+    """Bytes of every tensor the model holds: parameters and buffers, and tensors kept in plain
+    attributes (alone or in a tuple), such as the prepacked oneDNN weights of PackedLinear and W8A8
+    QuantLinear. Each once: tied weights share a data pointer; prepacked ones have none."""
+    held = [t for module in model.modules() for value in vars(module).values()
+            for t in (value if isinstance(value, tuple) else (value,)) if isinstance(t, torch.Tensor)]
+    tensors = {id(t) if t.is_mkldnn else t.data_ptr(): t for t in [*model.parameters(), *model.buffers(), *held]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
