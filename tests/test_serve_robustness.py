@@ -10,10 +10,12 @@ import time
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from live_server import assert_openai_error, metric, server_in_subprocess, server_in_thread, sse_data
 from tiny_gguf import random_state_dict, write_gguf
 
+from slimserve.cli import app
 from slimserve.config import EngineConfig, ServeConfig
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -245,3 +247,9 @@ def test_sigterm_drains_then_exits_0(guarded):
         events = sse_data([first, *lines])
     assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == MAX_MODEL_LEN - 8
     assert process.wait(timeout=WAIT_S) == 0
+
+
+def test_serve_command_passes_its_options_to_the_checked_config():
+    """`slimserve serve` refuses a bad option with the field's name and exit code 2, before loading anything."""
+    result = CliRunner().invoke(app, ["serve", "no-such-model", "--served-model-name", " "])
+    assert result.exit_code == 2 and "served_model_name must be None or a non-empty name" in result.output

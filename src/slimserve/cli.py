@@ -67,13 +67,16 @@ def eval_(
     out: Annotated[Path, typer.Option(help="Folder for report.md.")] = Path("report"),
 ):
     """Perplexity (DESIGN.md protocol), size and speed of each model at each dtype."""
+    _report([(model, dtype.strip()) for model in models or [DEFAULT_MODEL] for dtype in dtypes.split(",")],
+            dataset, max_windows, out)
+
+
+def _report(runs: list[tuple[str, str]], dataset: str, max_windows: int | None, out: Path) -> None:
+    """Evaluate each (model, dtype) and print the table, also written to out/report.md."""
     from slimserve.eval.evaluate import evaluate, markdown_table
 
-    rows = []
     try:
-        for model in models or [DEFAULT_MODEL]:
-            for dtype in dtypes.split(","):
-                rows.append(evaluate(model, dtype.strip(), dataset, max_windows))
+        rows = [evaluate(model, dtype, dataset, max_windows) for model, dtype in runs]
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
     table = markdown_table(rows)
@@ -258,6 +261,8 @@ def serve(
     enable_prefix_caching: Annotated[bool, typer.Option(help="Reuse the KV cache of repeated prompt prefixes.")]
     = True,
     compile: CompileOption = False,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="The model's id in the API (/v1/models, requests' `model`); default: its file or folder name.")] = None,
 ):
     """Serve MODEL behind the OpenAI-compatible API, with /metrics and the playground at /."""
     from slimserve.serve.server import serve as run_server
@@ -265,24 +270,60 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = ServeConfig(host=host, port=port, api_keys=api_key or [], metrics_public=metrics_public,
-                             max_waiting=max_waiting, drain_timeout=drain_timeout)
+                             max_waiting=max_waiting, drain_timeout=drain_timeout,
+                             served_model_name=served_model_name)
         run_server(model, config, dtype=dtype, device=device, max_model_len=max_model_len,
                    enable_prefix_caching=enable_prefix_caching, compile=compile)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))
 
 
+# What `slimserve run` makes of the default model: int8 weights and int8 activations after
+# SmoothQuant, the precision whose compiled engine decodes fastest on the CPU
+# (benchmarks/results/engine_cpu.md), for +0.99 % perplexity over fp32 with this calibration
+# (quant_smollm2.md); it takes about 30 s, once.
+RUN_QUANT = QuantConfig(method="smoothquant", bits=8, group_size=-1, act_bits=8, num_calib_samples=32,
+                        calib_seq_len=512)
+
+
 @app.command()
 def run(
     model: ModelArg = DEFAULT_MODEL,
-    max_windows: Annotated[int, typer.Option(help="Perplexity windows to evaluate per dtype.")] = 4,
+    max_windows: Annotated[int, typer.Option(help="Perplexity windows to evaluate per row.")] = 4,
     port: int = _SERVE.port,
 ):
-    """The main job: fetch the default model, report it at fp32 and bf16, generate a sample, serve it."""
-    eval_([model], "sotu", "fp32,bf16", max_windows, Path("report"))
-    generate(model, prompt="What is the capital of France?", chat=True, profile=True, dtype="bf16")
-    typer.echo(f"\nserving {model} (bf16) with the playground at http://127.0.0.1:{port}/ (Ctrl-C drains and stops)")
+    """The main job: fetch the default model, optimize it (W8A8 SmoothQuant, once, into the cache),
+    print the before/after report, generate a sample, serve the optimized model with the playground."""
+    from slimserve.quant.pipeline import cached_quantize
+
+    typer.echo(f"optimizing {model}: SmoothQuant, int8 weights and activations (written once, then cached)")
+    try:
+        optimized = str(cached_quantize(model, RUN_QUANT))
+    except (ValueError, FileNotFoundError) as e:
+        _die(str(e))
+    _report([(model, "fp32"), (model, "bf16"), (optimized, "bf16")], "sotu", max_windows, Path("report"))
+    generate(optimized, prompt="What is the capital of France?", chat=True, profile=True, dtype="bf16")
+    serve_args = ["serve", optimized, "--port", str(port), "--dtype", "bf16",
+                  "--served-model-name", f"{Path(model).name}-w8a8"]
+    if _cpp_compiler_found():
+        serve_args.append("--compile")
+        typer.echo("\ncompiling the engine's graphs before serving: about 2 minutes on a first start, seconds later")
+    else:
+        typer.echo("\nno C++ compiler found (torch.compile needs one): serving without compile, slower")
+    typer.echo(f"serving the optimized {model} with the playground at http://127.0.0.1:{port}/ "
+               "(Ctrl-C drains and stops)")
     # The server gets a fresh process: torch work on this one's main thread (eval, generate) would
     # leave an OpenMP pool that slows the server's engine thread twofold (see engine/async_engine.py).
-    os.execv(sys.executable,
-             [sys.executable, "-m", "slimserve", "serve", model, "--port", str(port), "--dtype", "bf16"])
+    os.execv(sys.executable, [sys.executable, "-m", "slimserve", *serve_args])
+
+
+def _cpp_compiler_found() -> bool:
+    """Whether torch.compile's CPU code generator finds the C++ compiler it needs."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return False
+    return True
