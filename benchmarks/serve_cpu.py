@@ -1,11 +1,12 @@
 """Serving load on SmolLM2-135M, CPU: `slimserve serve` in a child process, the load generator here.
 
-Concurrency 1 / 8 / 32 / 100, streamed /v1/completions of ~input_len words and exactly output_len
-tokens (ignore_eos), vLLM benchmark_serving definitions (slimserve.eval.serve_bench). Baseline in
-the same run: the server's AsyncLLMEngine without HTTP, one request at a time, for
-TTFT and decode speed. Writes benchmarks/results/<name>.md and <name>.png (serve_cpu by default).
+Concurrency 1 / 8 / 32 / 100, streamed /v1/completions of ~input_len words (108 words: 128 tokens
+on average, the prompt length of the engine's TTFT target) and exactly output_len tokens
+(ignore_eos), vLLM benchmark_serving definitions (slimserve.eval.serve_bench). Baseline in the same
+run: the server's AsyncLLMEngine without HTTP, one request at a time, for TTFT and decode speed.
+Writes benchmarks/results/<name>.md and <name>.png (serve_cpu by default).
 
-    python benchmarks/serve_cpu.py [--model smollm2-135m] [--input-len 128] [--output-len 32] [--dtype fp32]
+    python benchmarks/serve_cpu.py [--model smollm2-135m] [--input-len 108] [--output-len 32] [--dtype fp32]
         [--compile] [--name serve_cpu]
 """
 import argparse
@@ -27,7 +28,7 @@ from slimserve.engine.sampling_params import SamplingParams
 from slimserve.eval.machine import machine_info
 from slimserve.eval.serve_bench import ServeBenchConfig, make_prompts, markdown_table, plot, run_serve_bench
 
-LEVELS = {1: 10, 8: 32, 32: 64, 100: 200}  # concurrency -> requests at that level
+LEVELS = {1: 20, 8: 32, 32: 64, 100: 200}  # concurrency -> requests at that level
 RESULTS = Path(__file__).parent / "results"
 PORT = 8765
 
@@ -75,7 +76,7 @@ def start_server(model: str, engine_options: dict) -> subprocess.Popen:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="short name or quantized folder")
-    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--input-len", type=int, default=108)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--compile", action="store_true", help="serve a compiled engine")
