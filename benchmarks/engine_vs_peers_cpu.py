@@ -16,13 +16,11 @@ Writes benchmarks/results/engine_cpu.md.
 """
 
 import argparse
-import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,7 +35,7 @@ from slimserve.eval.datasets import load_text  # noqa: E402
 from slimserve.config import QuantConfig  # noqa: E402
 from slimserve.models.loader import DTYPES, load_tokenizer  # noqa: E402
 from slimserve.quant.pipeline import cached_quantize  # noqa: E402
-from slimserve.eval.machine import machine_info  # noqa: E402
+from slimserve.eval.machine import in_fresh_process, machine_info  # noqa: E402
 
 NEW_TOKENS = 64
 NUM_CONCURRENT = 32
@@ -166,9 +164,8 @@ def main() -> None:
         weights = str(slimserve_weights(gguf, quant_config))
         for compiled in (False, True):
             name = f"slimserve {precision}" + (" compiled" if compiled else "")
-            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as worker:
-                row, row_profiles = worker.submit(slimserve_row, weights, dtype, compiled, name, prompts,
-                                                  args.threads, args.repeats, precision == "bf16").result()
+            row, row_profiles = in_fresh_process(slimserve_row, weights, dtype, compiled, name, prompts,
+                                                 args.threads, args.repeats, precision == "bf16")
             rows.append(row)
             profiles += row_profiles
         if not any(r["engine"] == f"llama.cpp {gguf_type.upper()}" for r in rows):  # Q8_0 serves two rows

@@ -13,12 +13,9 @@ quant_speed_cpu_compiled.md with --compile.
 """
 
 import argparse
-import multiprocessing
 import os
 import statistics
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -26,9 +23,9 @@ import torch
 from slimserve import LLM, SamplingParams
 from slimserve.config import QuantConfig
 from slimserve.eval.datasets import load_text
-from slimserve.eval.machine import machine_info
+from slimserve.eval.machine import in_fresh_process, machine_info
 from slimserve.models.loader import load_tokenizer
-from slimserve.quant.pipeline import quantize
+from slimserve.quant.pipeline import cached_quantize
 from slimserve.quant.qlinear import PACKED_CPU_MAX_ROWS, Kernel
 
 MODEL = "smollm2-135m"
@@ -117,20 +114,12 @@ def main() -> None:
     decode_prompts = [ids[i * DECODE_PROMPT_TOKENS:(i + 1) * DECODE_PROMPT_TOKENS] for i in range(8)]
     prefill_prompt = ids[-PREFILL_TOKENS:]
     samples, loads = {}, []
-    spawn = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory() as folders:
-        for name, config in VARIANTS.items():
-            path = MODEL
-            if config is not None:
-                folder = Path(folders) / name.replace(" ", "-").replace(",", "")
-                quantize(MODEL, config, folder, progress=False, dtype="bf16")
-                path = str(folder)
-            with ProcessPoolExecutor(1, mp_context=spawn) as worker:
-                samples[name], variant_loads = worker.submit(
-                    measure_variant, path, args.compile, args.threads, args.repeats, decode_prompts,
-                    prefill_prompt).result()
-            loads += variant_loads
-            print(f"{name} done, load average {', '.join(f'{x:.2f}' for x in variant_loads)}", flush=True)
+    for name, config in VARIANTS.items():
+        path = MODEL if config is None else str(cached_quantize(MODEL, config, progress=False))
+        samples[name], variant_loads = in_fresh_process(measure_variant, path, args.compile, args.threads,
+                                                        args.repeats, decode_prompts, prefill_prompt)
+        loads += variant_loads
+        print(f"{name} done, load average {', '.join(f'{x:.2f}' for x in variant_loads)}", flush=True)
     medians = {name: {c: statistics.median(v) for c, v in row.items()} for name, row in samples.items()}
     base = medians["bf16"]
     lines = [

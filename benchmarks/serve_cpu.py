@@ -11,12 +11,10 @@ Writes benchmarks/results/<name>.md and <name>.png (serve_cpu by default).
 """
 import argparse
 import asyncio
-import multiprocessing
 import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import httpx
 from slimserve.config import EngineConfig
 from slimserve.engine.async_engine import AsyncLLMEngine
 from slimserve.engine.sampling_params import SamplingParams
-from slimserve.eval.machine import machine_info
+from slimserve.eval.machine import in_fresh_process, machine_info
 from slimserve.eval.serve_bench import ServeBenchConfig, make_prompts, markdown_table, plot, run_serve_bench
 
 LEVELS = {1: 20, 8: 32, 32: 64, 100: 200}  # concurrency -> requests at that level
@@ -92,9 +90,8 @@ def main() -> None:
         # Measured while the server idles, right before its concurrency-1 level, so the two compare.
         # In a process of its own, like the server: torch work on this process's main thread (the
         # bandwidth probe) would give the engine's thread a second OpenMP pool (see async_engine.py).
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            baseline_ttft, baseline_tps = pool.submit(engine_alone, args.model, make_prompts(config, 4, 0),
-                                                      args.output_len, engine_options).result()
+        baseline_ttft, baseline_tps = in_fresh_process(engine_alone, args.model, make_prompts(config, 4, 0),
+                                                       args.output_len, engine_options)
         results, first_prompt = [], 4  # slices 0-3 were the baseline's prompts
         for concurrency, num_prompts in LEVELS.items():
             results += run_serve_bench(replace(config, concurrencies=[concurrency], num_prompts=num_prompts,

@@ -1,9 +1,13 @@
-"""What machine a measurement ran on: every results file starts with this."""
+"""What machine a measurement ran on (every results file starts with this), and a fresh process to
+measure in."""
 
+import multiprocessing
 import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -58,3 +62,11 @@ def machine_info() -> MachineInfo:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return MachineInfo(cpu.get("Model name", platform.processor() or "unknown CPU"), caches, read_bandwidth_gb_s(),
                        torch.get_num_threads(), torch.__version__, gpu, _commit(), os.getloadavg()[0])
+
+
+def in_fresh_process(fn: Callable, *args):
+    """fn(*args) run in a spawned process of its own; returns its result. A measurement there
+    inherits nothing of this process: no compiled graphs, no OpenMP pool of another thread, no
+    memory freed but kept (peak RSS)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()

@@ -9,11 +9,9 @@ decode speed).
 
 import hashlib
 import json
-import multiprocessing
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from slimserve.config import QuantConfig
 from slimserve.engine.sampling_params import SamplingParams
 from slimserve.eval.datasets import load_text
 from slimserve.eval.evaluate import disk_bytes, peak_rss_bytes, reset_peak_rss
+from slimserve.eval.machine import in_fresh_process
 from slimserve.eval.perplexity import perplexity, window_size
 from slimserve.eval.report import QuantRow, write_report
 from slimserve.generate import GenerationProfile, Generator
@@ -183,8 +182,7 @@ def run_variant(model_spec: str | Path, variant: Variant, out_dir: Path, eval_to
         quantize_seconds = quantize(path, variant.config, folder, calib_dataset, progress=progress,
                                     dtype=variant.dtype).seconds
     # A process keeps memory it has freed, so a fresh one measures the folder's own peak RSS.
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        m = pool.submit(measure_folder, folder, variant.dtype, eval_token_ids, max_windows, progress).result()
+    m = in_fresh_process(measure_folder, folder, variant.dtype, eval_token_ids, max_windows, progress)
     config = variant.config
     return QuantRow(
         variant.name, "none" if config is None else config.method, variant.dtype,
