@@ -1,0 +1,109 @@
+// y (M, N) = x (M, K) @ w (N, K)ᵀ * scale (N): bf16 activations, int8 weights (W8A16), for the few
+// rows of a decode step. Built and called by w8a16.py; AVX512-BF16, OpenMP.
+//
+// Each thread takes blocks of R adjacent weight rows (contiguous in memory), widens 32 weights at a
+// time to bf16 (exact: an int8 has at most 8 significant bits) and multiplies them with up to 8
+// activation rows by vdpbf16ps, which sums pairs of bf16 products into fp32. The weight is read
+// from memory once whatever the row count; more than 8 rows take the block again in chunks of 8,
+// from cache. Software prefetch runs PREFETCH_BYTES ahead of the block: the hardware prefetcher
+// alone streamed 13 GB/s on two Zen 4 cores, 33 with it.
+
+#include <immintrin.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int64_t PREFETCH_BYTES = 2048;
+constexpr int MAX_CHUNK = 8;  // activation rows per pass: MAX_CHUNK x R accumulators in registers
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = (uint32_t)v << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, 4);
+  return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// 32 int8 weights -> 32 bf16, in order.
+inline __m512bh widen(const int8_t* p) {
+  __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+struct Args {
+  const uint16_t* x;
+  const int8_t* w;
+  const uint16_t* scale;
+  uint16_t* y;
+  int64_t M, N, K;
+};
+
+// Rows [m0, m0 + M) of y for weight rows [n, n + R).
+template <int M, int R>
+void block(const Args& a, int64_t m0, int64_t n) {
+  __m512 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int8_t* w = a.w + n * a.K;
+  const int8_t* end = a.w + a.N * a.K;
+  for (int64_t k = 0; k < a.K; k += 32) {
+    for (int j = 0; j < (R + 1) / 2; ++j) {  // R x 32 bytes per step: R / 2 cache lines
+      const int8_t* p = w + PREFETCH_BYTES + k * R + j * 64;
+      if (p < end) _mm_prefetch((const char*)p, _MM_HINT_T0);
+    }
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = widen(w + r * a.K + k);
+    for (int m = 0; m < M; ++m) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(a.x + (m0 + m) * a.K + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float scale = bf16_to_float(a.scale[n + r]);
+    for (int m = 0; m < M; ++m) a.y[(m0 + m) * a.N + n + r] = float_to_bf16(_mm512_reduce_add_ps(acc[m][r]) * scale);
+  }
+}
+
+template <int R>
+void rows(const Args& a, int64_t n) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += MAX_CHUNK) {
+    switch (a.M - m0 < MAX_CHUNK ? a.M - m0 : MAX_CHUNK) {
+      case 1: block<1, R>(a, m0, n); break;
+      case 2: block<2, R>(a, m0, n); break;
+      case 3: block<3, R>(a, m0, n); break;
+      case 4: block<4, R>(a, m0, n); break;
+      case 5: block<5, R>(a, m0, n); break;
+      case 6: block<6, R>(a, m0, n); break;
+      case 7: block<7, R>(a, m0, n); break;
+      default: block<8, R>(a, m0, n); break;
+    }
+  }
+}
+
+template <int R>
+void run(const Args& a, int threads) {
+  int64_t blocks = a.N / R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < blocks; ++i) rows<R>(a, i * R);
+  for (int64_t n = blocks * R; n < a.N; ++n) rows<1>(a, n);
+}
+
+}  // namespace
+
+// Returns 0, or 1 when K is not a multiple of 32 (nothing written).
+extern "C" int w8a16_matmul(const uint16_t* x, const int8_t* w, const uint16_t* scale, uint16_t* y,
+                            int64_t M, int64_t N, int64_t K, int threads) {
+  if (K % 32 != 0 || M < 1) return 1;
+  Args a{x, w, scale, y, M, N, K};
+  if (M <= 2)
+    run<4>(a, threads);  // fewer rows: more weight rows per step keep the loads busy
+  else
+    run<2>(a, threads);
+  return 0;
+}
