@@ -24,9 +24,10 @@ from slimserve import LLM, SamplingParams
 from slimserve.config import QuantConfig
 from slimserve.eval.datasets import load_text
 from slimserve.eval.machine import in_fresh_process, machine_info
+from slimserve.kernels import w8a16
 from slimserve.models.loader import load_tokenizer
 from slimserve.quant.pipeline import cached_quantize
-from slimserve.quant.qlinear import PACKED_CPU_MAX_ROWS, Kernel
+from slimserve.quant.qlinear import PACKED_CPU_MAX_ROWS, W8A16_MAX_ROWS, Kernel
 
 MODEL = "smollm2-135m"
 NEW_TOKENS = 64
@@ -138,10 +139,11 @@ def main() -> None:
         + ", ".join(f"{load:.2f}" for load in loads) + ". Ratios are vs bf16 (> 1 is faster; for prefill, "
         "bf16 time / model time).",
         "",
-        f"Kernels: bf16 layers run oneDNN matmuls; int8 W8A16 layers run `_weight_int8pack_mm` up to "
-        f"{PACKED_CPU_MAX_ROWS[Kernel.INT8_CPU]} rows and int4 layers `_weight_int4pack_mm_for_cpu` up to "
-        f"{PACKED_CPU_MAX_ROWS[Kernel.INT4_CPU]} rows (decode), above that (prefill) the weight dequantized to "
-        "bf16 and a bf16 GEMM; W8A8 layers quantize activations per token and run oneDNN's int8 GEMM on "
+        "Kernels: bf16 layers run oneDNN matmuls; int8 W8A16 layers run "
+        + (f"slimserve's `kernels/w8a16.cpp` up to {W8A16_MAX_ROWS} rows" if w8a16.available() else
+           f"`_weight_int8pack_mm` up to {PACKED_CPU_MAX_ROWS[Kernel.INT8_CPU]} rows")
+        + f" and int4 layers `_weight_int4pack_mm_for_cpu` up to {PACKED_CPU_MAX_ROWS[Kernel.INT4_CPU]} rows "
+        "(decode), above that (prefill) the weight dequantized to bf16 and a bf16 GEMM; W8A8 layers quantize activations per token and run oneDNN's int8 GEMM on "
         "a prepacked weight (`onednn.qlinear_pointwise`).",
         "",
         *([f"**Load average above {os.cpu_count()} cores: neighbours shared the CPU, so ratios are noisy.**", ""]
