@@ -35,6 +35,7 @@ from slimserve.eval.datasets import load_text  # noqa: E402
 from slimserve.config import QuantConfig  # noqa: E402
 from slimserve.models.loader import DTYPES, load_tokenizer  # noqa: E402
 from slimserve.quant.pipeline import cached_quantize  # noqa: E402
+from slimserve.quant.qlinear import W8A16_MAX_ROWS  # noqa: E402
 from slimserve.eval.machine import in_fresh_process, machine_info  # noqa: E402
 
 NEW_TOKENS = 64
@@ -190,7 +191,9 @@ def main() -> None:
         "together, generated tokens / wall time; TTFT = one 128-token prompt to its first token. Median of "
         f"{args.repeats} repetitions. transformers runs requests one by one (no batched concurrent row). "
         "slimserve int8 / int4: RTN from the same fp32 weights, per output channel / groups of 32, symmetric, "
-        "bf16 activations (torch's packed int8 / int4 CPU kernels); slimserve w8a8: SmoothQuant (32 x 512 "
+        f"bf16 activations (slimserve's W8A16 kernel `kernels/w8a16.cpp` up to {W8A16_MAX_ROWS} rows, torch's "
+        "packed int4 CPU kernel; the one-row compiled graph streams int8 weights through `kernels/gemv.py`); "
+        "slimserve w8a8: SmoothQuant (32 x 512 "
         "calibration tokens of `sotu-calib`), int8 weights per output channel and int8 activations per token "
         "(oneDNN's int8 GEMM on a prepacked weight); llama.cpp Q8_0 / Q4_0: blocks of 32, whose products "
         "quantize the activations to 8 bits too (the Q8_0 row serves int8 and w8a8). "

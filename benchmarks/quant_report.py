@@ -197,7 +197,7 @@ def main() -> None:
   8-bit rows but "{HEAD_BF16}", which keeps it in bf16. {head}
 - Scales are rounded up to bf16 precision before the integers are chosen, so storing them in bf16 adds no
   error of its own.
-- Compute dtype bf16 for every quantized row (torch's packed int8/int4 CPU kernels); decode tok/s is greedy,
+- Compute dtype bf16 for every quantized row (slimserve's W8A16 kernel, torch's packed int4 CPU kernel); decode tok/s is greedy,
   batch 1, {DECODE_TOKENS} tokens after a {DECODE_PROMPT_TOKENS}-token prompt. Peak RAM: peak RSS of a fresh
   process loading the row's folder and evaluating it.
 - W8A8: int8 weights per output channel, int8 activations per token computed at run time (dynamic).
