@@ -143,8 +143,8 @@ def main() -> None:
         + (f"slimserve's `kernels/w8a16.cpp` up to {W8A16_MAX_ROWS} rows" if w8a16.available() else
            f"`_weight_int8pack_mm` up to {PACKED_CPU_MAX_ROWS[Kernel.INT8_CPU]} rows")
         + f" and int4 layers `_weight_int4pack_mm_for_cpu` up to {PACKED_CPU_MAX_ROWS[Kernel.INT4_CPU]} rows "
-        "(decode), above that (prefill) the weight dequantized to bf16 and a bf16 GEMM; W8A8 layers quantize activations per token and run oneDNN's int8 GEMM on "
-        "a prepacked weight (`onednn.qlinear_pointwise`).",
+        "(decode), above that (prefill) the weight dequantized to bf16 and a bf16 GEMM; W8A8 layers quantize "
+        "activations per token and run oneDNN's int8 GEMM on a prepacked weight (`onednn.qlinear_pointwise`).",
         "",
         *([f"**Load average above {os.cpu_count()} cores: neighbours shared the CPU, so ratios are noisy.**", ""]
           if max(loads) > os.cpu_count() else []),
