@@ -48,33 +48,6 @@ def test_refuses_what_its_layout_cannot_take():
 
 
 @needs_kernel
-def test_builds_into_an_empty_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLIMSERVE_CACHE", str(tmp_path))
-    w8a16._kernel.cache_clear()
-    try:
-        x, weight, scales = operands(3, 16, 64)
-        torch.testing.assert_close(w8a16.w8a16_matmul(x, weight, scales).float(),
-                                   w8a16.w8a16_reference(x, weight, scales), rtol=2**-8, atol=1e-3)
-        assert [p.suffix for p in (tmp_path / "kernels").iterdir()] == [".so"]
-    finally:
-        w8a16._kernel.cache_clear()
-
-
-def test_without_a_compiler_int8_layers_keep_torchs_kernel(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLIMSERVE_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    w8a16._kernel.cache_clear()
-    try:
-        assert not w8a16.available()
-        torch.manual_seed(0)
-        layer = QuantLinear.from_linear(nn.Linear(64, 24).to(torch.bfloat16), QuantConfig(bits=8, group_size=-1))
-        x = torch.randn(3, 64, dtype=torch.bfloat16)
-        torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), layer.bias), rtol=2e-2, atol=2e-2)
-    finally:
-        w8a16._kernel.cache_clear()
-
-
-@needs_kernel
 def test_int8_layers_run_it_up_to_its_row_limit(monkeypatch):
     calls = []
     monkeypatch.setattr(w8a16, "w8a16_matmul", lambda x, *args: calls.append(x.shape[0]) or

@@ -7,63 +7,23 @@ widens each int8 weight to bf16 once and multiplies it with up to 8 rows by AVX5
 products, prefetching the weight: 1.9x faster than the bf16 GEMM at 1 and 8 rows (figures in
 benchmarks/results/quant_speed_cpu.md).
 
-The source is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`) into the
-cache folder and loaded with ctypes; OpenMP's runtime is torch's own (the same libgomp.so.1), so
-its threads are torch's. Where the CPU lacks AVX512-BF16, no compiler is found or the build fails,
+Built on first use by kernels/native.py; where it cannot be (no AVX512-BF16, no compiler),
 `available()` is False and callers keep torch's kernel. w8a16_reference is the torch oracle.
 """
 
 import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-from functools import cache
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from slimserve.assets import cache_dir
+from slimserve.kernels import native
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("w8a16.cpp")
-FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-         "-mavx512bf16"]
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}  # as /proc/cpuinfo names them
 K_MULTIPLE = 32  # in_features must be a multiple: the kernel reads 32 weights at a time
+ARGTYPES = (ctypes.c_void_p,) * 4 + (ctypes.c_int64,) * 3 + (ctypes.c_int,)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
-
-
-@cache
 def _kernel():
-    """The loaded C function, or None where it cannot run here."""
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
-    if not CPU_FLAGS <= _cpu_flags() or compiler is None:
-        return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:12]
-    library = cache_dir() / "kernels" / f"w8a16-{key}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        partial = library.with_name(f"{library.name}.{os.getpid()}.partial")
-        build = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
-        if build.returncode != 0:
-            log.warning("building %s failed, int8 layers keep torch's kernel:\n%s", SOURCE.name, build.stderr)
-            return None
-        os.replace(partial, library)  # atomic: a concurrent build or reader never sees half a file
-    function = ctypes.CDLL(str(library)).w8a16_matmul
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    return function
+    return native.load("w8a16.cpp", "w8a16_matmul", ("-mavx512bf16",), frozenset({"avx512_bf16"}), ARGTYPES)
 
 
 def available() -> bool:

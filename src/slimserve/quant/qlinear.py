@@ -10,13 +10,14 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
   4-bit, out % 16 == 0, groups of 32/64/128/256 (a larger group or a whole row is expressed with
   repeated scales), bf16 activations, AVX2/AVX512 builds. The kernel computes (q - 8) * scale + zero_f per
   element, so zero_f = (8 - zero) * scale.
-- W8A8_CPU: weights as INT8_CPU, prepacked for oneDNN's u8 x s8 GEMM (onednn.qlinear_pointwise);
-  activations quantized per token to int8 at run time and offset by 128 to the kernel's uint8.
-  Prepacked, it beats the bf16 GEMM at every row count (SmolLM2-135M's 121 linears, Zen 4 with
-  AVX512-VNNI: 1.3x at 1 and 8 rows, 1.5x at 32, 1.9x at 512), where torch._int_mm repacks the
-  weight at every call (2x slower at 8 rows). Taken only where a probe finds the kernel exact
-  (without VNNI, oneDNN's u8 x s8 sums can saturate). One row in a compiled graph runs
-  kernels.gemv on the integers instead (keep_plain_weight).
+- W8A8_CPU: weights as INT8_CPU, activations quantized per token to int8 at run time and offset by
+  128 to uint8, products summed exactly in int32: kernels/w8a8.cpp on the weight in VNNI order where
+  it builds (AVX512-VNNI, a C++ compiler, out % 16 == 0), else oneDNN's u8 x s8 GEMM on its prepacked
+  weight (onednn.qlinear_pointwise). Either beats the bf16 GEMM at every row count (SmolLM2-135M's
+  121 linears, Zen 4: oneDNN 1.3x at 1 and 8 rows, 1.5x at 32, 1.9x at 512; w8a8.cpp faster still),
+  where torch._int_mm repacks the weight at every call (2x slower at 8 rows). Taken only where a
+  probe finds oneDNN exact (without VNNI, its u8 x s8 sums can saturate). One row in a compiled
+  graph runs kernels.gemv on the integers instead (keep_plain_weight).
 - W8A8_REF: the same arithmetic with a float matmul of the integers (any device).
 - REF: dequantize, then F.linear: 3/2-bit, asymmetric 8-bit, odd groups, fp32/fp16 activations,
   every non-CPU device (CUDA for now).
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimserve.config import QuantConfig
-from slimserve.kernels import w8a16
+from slimserve.kernels import w8a8, w8a16
 from slimserve.kernels.gemv import gemv, use_gemv
 from slimserve.models import opaque
 from slimserve.quant.packing import (
@@ -137,6 +138,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", torch.empty(groups, dtype=torch.uint8, device=device))
         self.register_buffer("scales_and_zeros", None)  # INT4_CPU only
         self.onednn: tuple[Tensor, Tensor, Tensor] | None = None  # W8A8_CPU: weight, scales, zeros
+        self.vnni: tuple[Tensor, Tensor, Tensor] | None = None  # or: w8a8.pack's weight, sums; scales
         self.register_buffer("perm", None)  # column order making act-order groups contiguous
         self.register_buffer(
             "bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None
@@ -245,7 +247,8 @@ class QuantLinear(nn.Module):
             q = q[:, self.perm]
         self.bias = bias
         self.kernel = self._choose_kernel(q.device, scales.dtype)
-        self.qweight, self.scales, self.zeros, self.scales_and_zeros, self.onednn = None, None, None, None, None
+        self.qweight, self.scales, self.zeros, self.scales_and_zeros = None, None, None, None
+        self.onednn, self.vnni = None, None
         if self.kernel is Kernel.INT4_CPU:
             self.qweight = pack_int4_cpu(q)
             self.scales_and_zeros = self._int4_scales_and_zeros(scales, zeros)
@@ -257,7 +260,10 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"symmetric 8-bit zeros must all be 128, got {zeros.unique()[:8].tolist()}")
             self.qweight = (q.to(torch.int16) - 128).to(torch.int8)
             self.scales = scales.expand(self.out_features, 1).reshape(-1).contiguous()
-            if self.kernel is Kernel.W8A8_CPU:  # held prepacked; quantized() unpacks it
+            if self.kernel is Kernel.W8A8_CPU and w8a8.packable(self.qweight):  # held packed; quantized()
+                self.vnni = (*w8a8.pack(self.qweight), self.scales.float())  # unpacks it
+                self.qweight = None
+            elif self.kernel is Kernel.W8A8_CPU:
                 packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)
                 self.onednn = (packed, self.scales.float(), torch.zeros(1, dtype=torch.long))
                 self.qweight = None
@@ -402,13 +408,17 @@ class QuantLinear(nn.Module):
             self.qweight = self._signed_weight().contiguous()
 
     def _signed_weight(self) -> Tensor:
-        """The symmetric 8-bit kernels' int8 weight (out, in), unpacked from oneDNN's layout if
-        that is the only copy held (W8A8_CPU)."""
-        return self.qweight if self.qweight is not None else self.onednn[0].to_dense().t()
+        """The symmetric 8-bit kernels' int8 weight (out, in), unpacked from W8A8_CPU's packed
+        layout if that is the only copy held."""
+        if self.qweight is not None:
+            return self.qweight
+        return w8a8.unpack(self.vnni[0]) if self.vnni is not None else self.onednn[0].to_dense().t()
 
     def int8_matmul(self, x_u8: Tensor) -> Tensor:
         """W8A8_CPU's integer product: x_u8 (rows, in), int8 activations + 128, times the int8
         weight, summed exactly in int32 and returned in fp32 times the weight scales."""
+        if self.vnni is not None:
+            return w8a8.w8a8_matmul(x_u8, *self.vnni)
         weight, scales, zeros = self.onednn
         return torch.ops.onednn.qlinear_pointwise(
             x_u8, 1.0, 128, weight, scales, zeros, None, 1.0, 0, torch.float32, "none", [], "")

@@ -1,0 +1,63 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimserve.config import QuantConfig
+from slimserve.kernels import w8a8
+from slimserve.quant.qlinear import Kernel, QuantLinear
+
+needs_kernel = pytest.mark.skipif(not w8a8.available(), reason="no AVX512-VNNI CPU or no C++ compiler here")
+
+
+def operands(rows, out_features, in_features, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x_u8 = torch.randint(0, 256, (rows, in_features), generator=generator, dtype=torch.uint8)
+    weight = torch.randint(-128, 128, (out_features, in_features), generator=generator, dtype=torch.int8)
+    x_u8[0], weight[0] = 255, -128  # the largest products, summed over every column
+    scales = torch.rand(out_features, generator=generator) / 64
+    return x_u8, weight, scales
+
+
+def test_pack_round_trips():
+    weight = torch.randint(-128, 128, (48, 36), dtype=torch.int8)
+    vnni, sums = w8a8.pack(weight)
+    assert vnni.shape == (3, 9, 16, 4) and torch.equal(w8a8.unpack(vnni), weight)
+    assert vnni[1, 2, 5].tolist() == weight[16 + 5, 8:12].tolist()  # block 1, columns 8-11 of its row 5
+    assert torch.equal(sums, 128 * weight.long().sum(dim=1).int())
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17, 64])  # passes of 8 rows, and their tails
+@pytest.mark.parametrize("out_features,in_features", [(16, 4), (32, 64), (80, 576), (48, 1536), (112, 100)])
+def test_matches_the_torch_reference_exactly(rows, out_features, in_features):
+    """16, 32, 80 and 112 rows leave 1, 2, 2 and 1 blocks of 16 past the tasks of 3; sums are integers."""
+    x_u8, weight, scales = operands(rows, out_features, in_features)
+    got = w8a8.w8a8_matmul(x_u8, *w8a8.pack(weight), scales)
+    assert torch.equal(got, w8a8.w8a8_reference(x_u8, weight, scales))
+
+
+@needs_kernel
+def test_refuses_activations_of_another_width():
+    x_u8, weight, scales = operands(2, 16, 64)
+    with pytest.raises(ValueError, match="64 columns"):
+        w8a8.w8a8_matmul(x_u8[:, :32], *w8a8.pack(weight), scales)
+    assert not w8a8.packable(weight[:8])  # 8 output rows: not a block of 16
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_features", [48, 40])
+def test_w8a8_layers_hold_their_weight_packed_once(out_features):
+    """40 rows cannot be packed in blocks of 16: that layer keeps oneDNN's prepacked weight."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, out_features).to(torch.bfloat16)
+    layer = QuantLinear.from_linear(linear, QuantConfig(bits=8, group_size=-1, act_bits=8))
+    assert layer.kernel is Kernel.W8A8_CPU and layer.qweight is None
+    assert (layer.vnni is not None) == (out_features % 16 == 0) and (layer.onednn is None) == (out_features % 16 == 0)
+    reference = QuantLinear.from_linear(linear, QuantConfig(bits=8, group_size=-1, act_bits=8))
+    reference.kernel, reference.qweight = Kernel.W8A8_REF, layer._signed_weight()
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    # the same integers; the kernel scales the sums by the weight scale first, the reference by the
+    # activation's: an fp32 rounding apart at most, before bf16
+    torch.testing.assert_close(layer(x), reference(x), rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), layer.bias), rtol=0.1, atol=0.1)
