@@ -195,7 +195,7 @@ def main() -> None:
         "packed int4 CPU kernel; the one-row compiled graph streams int8 weights through `kernels/gemv.py`); "
         "slimserve w8a8: SmoothQuant (32 x 512 "
         "calibration tokens of `sotu-calib`), int8 weights per output channel and int8 activations per token "
-        "(oneDNN's int8 GEMM on a prepacked weight); llama.cpp Q8_0 / Q4_0: blocks of 32, whose products "
+        "(slimserve's `kernels/w8a8.cpp`); llama.cpp Q8_0 / Q4_0: blocks of 32, whose products "
         "quantize the activations to 8 bits too (the Q8_0 row serves int8 and w8a8). "
         "'compiled' = `compile=True`: batch-1 decode steps run as one torch.compile graph and every other "
         "step as a second one, for any token count, which calls the linear layers and attention as opaque "

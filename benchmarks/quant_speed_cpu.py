@@ -24,7 +24,7 @@ from slimserve import LLM, SamplingParams
 from slimserve.config import QuantConfig
 from slimserve.eval.datasets import load_text
 from slimserve.eval.machine import in_fresh_process, machine_info
-from slimserve.kernels import w8a16
+from slimserve.kernels import w8a8, w8a16
 from slimserve.models.loader import load_tokenizer
 from slimserve.quant.pipeline import cached_quantize
 from slimserve.quant.qlinear import PACKED_CPU_MAX_ROWS, W8A16_MAX_ROWS, Kernel
@@ -144,7 +144,9 @@ def main() -> None:
            f"`_weight_int8pack_mm` up to {PACKED_CPU_MAX_ROWS[Kernel.INT8_CPU]} rows")
         + f" and int4 layers `_weight_int4pack_mm_for_cpu` up to {PACKED_CPU_MAX_ROWS[Kernel.INT4_CPU]} rows "
         "(decode), above that (prefill) the weight dequantized to bf16 and a bf16 GEMM; W8A8 layers quantize "
-        "activations per token and run oneDNN's int8 GEMM on a prepacked weight (`onednn.qlinear_pointwise`).",
+        "activations per token and run "
+        + ("slimserve's `kernels/w8a8.cpp` on the weight in VNNI order" if w8a8.available() else
+           "oneDNN's int8 GEMM on a prepacked weight (`onednn.qlinear_pointwise`)") + ".",
         "",
         *([f"**Load average above {os.cpu_count()} cores: neighbours shared the CPU, so ratios are noisy.**", ""]
           if max(loads) > os.cpu_count() else []),
