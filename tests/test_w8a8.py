@@ -61,3 +61,21 @@ def test_w8a8_layers_hold_their_weight_packed_once(out_features):
     # activation's: an fp32 rounding apart at most, before bf16
     torch.testing.assert_close(layer(x), reference(x), rtol=2**-8, atol=1e-6)
     torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), layer.bias), rtol=0.1, atol=0.1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 9])
+@pytest.mark.parametrize("in_features", [64, 36])  # 36: the last 16 columns are a partial vector
+def test_linear_quantizes_and_scales_as_the_torch_path(rows, in_features):
+    """w8a8_linear equals the torch W8A8 path (quantize in torch, then w8a8_matmul) bit for bit."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(in_features, 48, bias=False).to(torch.bfloat16),
+                                    QuantConfig(bits=8, group_size=-1, act_bits=8))
+    x = torch.randn(rows, in_features).to(torch.bfloat16)
+    x[0, 3] = 0.5 * x[0].float().abs().max()  # ties: x / scale on .5 for round half to even
+    x_scales = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    x_u8 = (torch.round(x.float() / x_scales).clamp(-127, 127) + 128).to(torch.uint8)
+    expected = (w8a8.w8a8_matmul(x_u8, *layer.vnni) * x_scales).to(torch.bfloat16)
+    assert torch.equal(w8a8.w8a8_linear(x, *layer.vnni), expected)
+    assert torch.equal(layer(x), expected)  # eager layers take it
+    assert torch.equal(w8a8.w8a8_linear(torch.zeros_like(x), *layer.vnni), torch.zeros(rows, 48, dtype=torch.bfloat16))

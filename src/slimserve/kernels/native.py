@@ -1,8 +1,8 @@
 """The C++ CPU kernels beside this file: compiled on first use, cached, loaded with ctypes.
 
-Each kernel is one .cpp file with an `extern "C"` function returning int. It is compiled with the system's C++
-compiler (`$CXX`, else `c++`) and the kernel's ISA flags into the cache folder, under a name that
-hashes the source, compiler and flags, and loaded with ctypes. OpenMP's runtime is torch's own (the
+Each kernel is one .cpp file (with the shared headers here) of `extern "C"` functions returning int,
+compiled with the system's C++ compiler (`$CXX`, else `c++`) and the kernel's ISA flags into the
+cache folder, under a name that hashes the sources, compiler and flags, and loaded with ctypes. OpenMP's runtime is torch's own (the
 same libgomp.so.1 soname, already loaded), so the kernels' threads are torch's. Where the CPU lacks
 the ISA, no compiler is found or the build fails, `load` returns None and callers keep torch's
 kernels.
@@ -43,7 +43,8 @@ def load(source: str, function: str, flags: tuple[str, ...], needs: frozenset[st
         return None
     path = Path(__file__).with_name(source)
     command = [compiler, *BASE_FLAGS, *flags]
-    key = hashlib.sha256(path.read_bytes() + " ".join(command).encode()).hexdigest()[:12]
+    headers = b"".join(header.read_bytes() for header in sorted(path.parent.glob("*.h")))
+    key = hashlib.sha256(path.read_bytes() + headers + " ".join(command).encode()).hexdigest()[:12]
     library = cache_dir() / "kernels" / f"{path.stem}-{key}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +54,9 @@ def load(source: str, function: str, flags: tuple[str, ...], needs: frozenset[st
             log.warning("building %s failed, torch's kernels stay in use:\n%s", source, build.stderr)
             return None
         os.replace(partial, library)  # atomic: a concurrent build or reader never sees half a file
+        for stale in library.parent.glob(f"{path.stem}-*.so"):  # earlier versions' builds
+            if stale != library:
+                stale.unlink(missing_ok=True)
     loaded = getattr(ctypes.CDLL(str(library)), function)
     loaded.restype = ctypes.c_int
     loaded.argtypes = list(argtypes)

@@ -11,23 +11,15 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "rows.h"
+
 namespace {
+
+using slimserve::bf16_to_float;
+using slimserve::float_to_bf16;
 
 constexpr int64_t PREFETCH_BYTES = 2048;
 constexpr int MAX_CHUNK = 8;  // activation rows per pass: MAX_CHUNK x R accumulators in registers
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = (uint32_t)v << 16;
-  float f;
-  __builtin_memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even
-  uint32_t bits;
-  __builtin_memcpy(&bits, &f, 4);
-  return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
 
 // 32 int8 weights -> 32 bf16, in order.
 inline __m512bh widen(const int8_t* p) {
@@ -72,18 +64,8 @@ void block(const Args& a, int64_t m0, int64_t n) {
 
 template <int R>
 void rows(const Args& a, int64_t n) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += MAX_CHUNK) {
-    switch (a.M - m0 < MAX_CHUNK ? a.M - m0 : MAX_CHUNK) {
-      case 1: block<1, R>(a, m0, n); break;
-      case 2: block<2, R>(a, m0, n); break;
-      case 3: block<3, R>(a, m0, n); break;
-      case 4: block<4, R>(a, m0, n); break;
-      case 5: block<5, R>(a, m0, n); break;
-      case 6: block<6, R>(a, m0, n); break;
-      case 7: block<7, R>(a, m0, n); break;
-      default: block<8, R>(a, m0, n); break;
-    }
-  }
+  for (int64_t m0 = 0; m0 < a.M; m0 += MAX_CHUNK)
+    slimserve::with_rows<MAX_CHUNK>(a.M - m0, [&](auto m) { block<decltype(m)::value, R>(a, m0, n); });
 }
 
 template <int R>

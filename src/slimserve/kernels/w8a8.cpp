@@ -1,15 +1,22 @@
-// W8A8's integer product: y (M, N) fp32 = (x (M, K) uint8 @ w (N, K) int8ᵀ - corr (N)) * scale (N),
-// with x the int8 activations + 128 and corr = 128 * the weight's row sums, so y is the signed product
-// times the weight scales. Built and called by w8a8.py; AVX512-VNNI, OpenMP.
+// W8A8 with AVX512-VNNI on an int8 weight w (N, K) held in VNNI order; built and called by w8a8.py.
 //
-// The weight is held in VNNI order: blocks of 16 output rows, each as (K / 4, 16, 4) bytes, so one
-// vpdpbusd multiplies 4 activations (broadcast) with 4 weights of each of 16 rows and adds the four
-// products into that row's int32 lane. Each thread takes R adjacent blocks at a time and runs every
-// activation row over them, MAX_CHUNK rows per pass: the blocks are read from memory once, later
-// passes find them in cache. int32 sums are exact (|sum| < 255 * 128 * K).
+// w8a8_matmul: y (M, N) fp32 = (x (M, K) uint8 @ wᵀ - corr (N)) * scale (N), with x the int8
+//   activations + 128 and corr = 128 * w's row sums: the signed product times the weight scales.
+// w8a8_linear: the same for bf16 activations quantized here per row, as QuantLinear does it in torch
+//   (row scale max|x| / 127, at least 1e-12 / 127; round half to even; clamp to +-127), times the row
+//   scales and rounded to bf16: one call for what is a dozen torch operations otherwise.
+//
+// VNNI order: blocks of 16 output rows, each as (K / 4, 16, 4) bytes, so one vpdpbusd multiplies 4
+// activations (broadcast) with 4 weights of each of 16 rows and adds the four products into that
+// row's int32 lane. Each thread takes R adjacent blocks at a time and runs every activation row over
+// them, MAX_CHUNK rows per pass: the blocks are read from memory once, later passes find them in
+// cache. int32 sums are exact (|sum| < 255 * 128 * K).
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+
+#include "rows.h"
 
 namespace {
 
@@ -24,9 +31,19 @@ struct Args {
   const int8_t* w;
   const int32_t* corr;
   const float* scale;
+  const float* row_scale;  // w8a8_linear: per activation row, and y is y_bf16
   float* y;
+  uint16_t* y_bf16;
   int64_t M, N, K;
 };
+
+// 16 fp32 -> 16 bf16, round to nearest even (slimserve::float_to_bf16 in lanes).
+inline __m256i to_bf16(__m512 v) {
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
 
 // Rows [m0, m0 + M) of y for blocks [b0, b0 + B).
 template <int M, int B>
@@ -57,36 +74,68 @@ void block(const Args& a, int64_t m0, int64_t b0) {
     int64_t n = (b0 + b) * 16;
     __m512i corr = _mm512_loadu_si512(a.corr + n);
     __m512 scale = _mm512_loadu_ps(a.scale + n);
-    for (int m = 0; m < M; ++m)
-      _mm512_storeu_ps(a.y + (m0 + m) * a.N + n, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][b], corr)), scale));
+    for (int m = 0; m < M; ++m) {
+      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][b], corr)), scale);
+      int64_t at = (m0 + m) * a.N + n;
+      if (a.row_scale)
+        _mm256_storeu_si256((__m256i*)(a.y_bf16 + at), to_bf16(_mm512_mul_ps(y, _mm512_set1_ps(a.row_scale[m0 + m]))));
+      else
+        _mm512_storeu_ps(a.y + at, y);
+    }
   }
 }
 
 template <int B>
 void task(const Args& a, int64_t b0) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += MAX_CHUNK) {
-    switch (a.M - m0 < MAX_CHUNK ? a.M - m0 : MAX_CHUNK) {
-      case 1: block<1, B>(a, m0, b0); break;
-      case 2: block<2, B>(a, m0, b0); break;
-      case 3: block<3, B>(a, m0, b0); break;
-      default: block<4, B>(a, m0, b0); break;
-    }
+  for (int64_t m0 = 0; m0 < a.M; m0 += MAX_CHUNK)
+    slimserve::with_rows<MAX_CHUNK>(a.M - m0, [&](auto m) { block<decltype(m)::value, B>(a, m0, b0); });
+}
+
+void product(const Args& a, int threads) {
+  int64_t blocks = a.N / 16, tasks = blocks / R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < tasks; ++i) task<R>(a, i * R);
+  if (blocks > tasks * R)  // the last 1 or 2 blocks
+    slimserve::with_rows<R - 1>(blocks - tasks * R, [&](auto b) { task<decltype(b)::value>(a, tasks * R); });
+}
+
+// One bf16 row -> uint8 activations + 128 and its scale, as QuantLinear._w8a8 computes them.
+void quantize_row(const uint16_t* x, int64_t K, uint8_t* q, float* scale) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __mmask16 mask = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+    __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x + k)), 16);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_castsi512_ps(bits)));
+  }
+  float s = fmaxf(_mm512_reduce_max_ps(amax), 1e-12f) / 127.0f;
+  *scale = s;
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t k = 0; k < K; k += 16) {
+    __mmask16 mask = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+    __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x + k)), 16);
+    __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_castsi512_ps(bits), sv));  // half to even
+    v = _mm512_min_epi32(_mm512_max_epi32(v, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+    _mm_mask_storeu_epi8(q + k, mask, _mm512_cvtepi32_epi8(_mm512_add_epi32(v, _mm512_set1_epi32(128))));
   }
 }
 
 }  // namespace
 
-// Returns 0, or 1 when N is not a multiple of 16 or K of 4 (nothing written).
+// Both return 0, or 1 when N is not a multiple of 16 or K of 4 (nothing written).
 extern "C" int w8a8_matmul(const uint8_t* x, const int8_t* w, const int32_t* corr, const float* scale, float* y,
                            int64_t M, int64_t N, int64_t K, int threads) {
   if (N % 16 != 0 || K % 4 != 0 || M < 1) return 1;
-  Args a{x, w, corr, scale, y, M, N, K};
-  int64_t blocks = N / 16, tasks = blocks / R;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t i = 0; i < tasks; ++i) task<R>(a, i * R);
-  switch (blocks - tasks * R) {
-    case 1: task<1>(a, tasks * R); break;
-    case 2: task<2>(a, tasks * R); break;
-  }
+  product(Args{x, w, corr, scale, nullptr, y, nullptr, M, N, K}, threads);
+  return 0;
+}
+
+// xq (M, K) and row_scale (M) are the caller's scratch, written here.
+extern "C" int w8a8_linear(const uint16_t* x, const int8_t* w, const int32_t* corr, const float* scale,
+                           uint16_t* y, uint8_t* xq, float* row_scale, int64_t M, int64_t N, int64_t K,
+                           int threads) {
+  if (N % 16 != 0 || K % 4 != 0 || M < 1) return 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (M >= 8)
+  for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, xq + m * K, row_scale + m);
+  product(Args{xq, w, corr, scale, row_scale, nullptr, y, M, N, K}, threads);
   return 0;
 }

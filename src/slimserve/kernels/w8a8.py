@@ -1,4 +1,5 @@
-"""W8A8's integer product in C++ (w8a8.cpp): uint8 activations times int8 weights held in VNNI order.
+"""W8A8 in C++ (w8a8.cpp) on int8 weights held in VNNI order: the integer product of uint8 activations
+(w8a8_matmul), or the whole layer from bf16 activations, quantized in the same call (w8a8_linear).
 
 w8a8.cpp multiplies 4 activations with 4 weights of 16 output rows per vpdpbusd, runs 4 activation
 rows per pass over 3 blocks of 16 weight rows and prefetches the weight. Against oneDNN's prepacked
@@ -19,11 +20,13 @@ from torch import Tensor
 
 from slimserve.kernels import native
 
-ARGTYPES = (ctypes.c_void_p,) * 5 + (ctypes.c_int64,) * 3 + (ctypes.c_int,)
+MATMUL_ARGTYPES = (ctypes.c_void_p,) * 5 + (ctypes.c_int64,) * 3 + (ctypes.c_int,)
+LINEAR_ARGTYPES = (ctypes.c_void_p,) * 7 + (ctypes.c_int64,) * 3 + (ctypes.c_int,)
 
 
-def _kernel():
-    return native.load("w8a8.cpp", "w8a8_matmul", ("-mavx512vnni",), frozenset({"avx512_vnni"}), ARGTYPES)
+def _kernel(function: str = "w8a8_matmul"):
+    argtypes = MATMUL_ARGTYPES if function == "w8a8_matmul" else LINEAR_ARGTYPES
+    return native.load("w8a8.cpp", function, ("-mavx512vnni",), frozenset({"avx512_vnni"}), argtypes)
 
 
 def available() -> bool:
@@ -60,6 +63,22 @@ def w8a8_matmul(x_u8: Tensor, vnni: Tensor, corrections: Tensor, scales: Tensor)
     y = torch.empty(rows, out_features)
     _kernel()(x_u8.data_ptr(), vnni.data_ptr(), corrections.data_ptr(), scales.data_ptr(), y.data_ptr(),
               rows, out_features, in_features, torch.get_num_threads())
+    return y
+
+
+def w8a8_linear(x: Tensor, vnni: Tensor, corrections: Tensor, scales: Tensor) -> Tensor:
+    """W8A8 of bf16 activations x (rows, in) in one call: quantized per row as QuantLinear does it in
+    torch (scale max|x| / 127, round half to even, clamp to +-127), multiplied as w8a8_matmul, times
+    the row scales, rounded to bf16 -> (rows, out)."""
+    rows, in_features = x.shape
+    if vnni.shape[1] * 4 != in_features or x.dtype != torch.bfloat16 or not x.is_contiguous():
+        raise ValueError(f"w8a8_linear needs contiguous bf16 activations of {vnni.shape[1] * 4} columns, "
+                         f"got {x.dtype} {tuple(x.shape)}")
+    y = torch.empty(rows, vnni.shape[0] * 16, dtype=torch.bfloat16)
+    x_u8, row_scales = torch.empty(rows, in_features, dtype=torch.uint8), torch.empty(rows)
+    _kernel("w8a8_linear")(x.data_ptr(), vnni.data_ptr(), corrections.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                           x_u8.data_ptr(), row_scales.data_ptr(), rows, y.shape[1], in_features,
+                           torch.get_num_threads())
     return y
 
 
