@@ -4,10 +4,10 @@ Through the public LLM API only, greedy, EOS ignored (PEERS.md method):
 - decode tok/s at batch B = B * (N - 1) / (t(B prompts, N tokens) - t(B prompts, 1 token)), so
   prefill cancels out; B = 1 and B = 8 (8 different prompts submitted together);
 - prefill: time to the first token of one 512-token prompt.
-Each model is measured in a fresh spawned process (compiled graphs and thread pools of one engine
-slowed the next); the load average before each repetition is recorded beside the table, which
-gives medians and each row's ratio to bf16. Writes benchmarks/results/quant_speed_cpu.md, or
-quant_speed_cpu_compiled.md with --compile.
+Each repetition of each model runs in a fresh spawned process (compiled graphs and thread pools of
+one engine slowed the next), round-robin over the models; the load average before each is recorded
+beside the table, which gives medians and each row's ratio to bf16. Writes
+benchmarks/results/quant_speed_cpu.md, or quant_speed_cpu_compiled.md with --compile.
 
     python benchmarks/quant_speed_cpu.py [--threads 2] [--repeats 5] [--compile]
 """
@@ -83,22 +83,19 @@ def verdict(ratios: dict[str, float]) -> str:
     return "yes" if not slower else "no: " + ", ".join(slower)
 
 
-def measure_variant(path: str, compiled: bool, threads: int, repeats: int,
-                    decode_prompts: list[list[int]], prefill_prompt: list[int]) -> tuple[dict, list[float]]:
-    """Every column's samples for one model, measured in a spawned worker of its own: a fresh
-    process per engine, where none inherits another's compiled graphs, threads or memory."""
+def measure_variant(path: str, compiled: bool, threads: int, decode_prompts: list[list[int]],
+                    prefill_prompt: list[int]) -> tuple[dict[str, float], float]:
+    """One repetition of every column for one model and the load average before it, measured in a
+    spawned worker of its own: a fresh process per engine, where none inherits another's compiled
+    graphs, threads or memory."""
     torch.set_num_threads(threads)
     # no prefix caching: every repetition's prefill must compute its prompt again
     llm = LLM(path, dtype="bf16", kv_cache_memory=KV_CACHE_MEMORY, enable_prefix_caching=False,
               compile=compiled)
     runner(llm)(decode_prompts, 4)  # warm-up: first calls allocate buffers, set up kernels, compile
     runner(llm)([prefill_prompt], 1)
-    samples, loads = {column: [] for column in COLUMNS}, []
-    for _ in range(repeats):
-        loads.append(os.getloadavg()[0])
-        for column, value in measure(llm, decode_prompts, prefill_prompt).items():
-            samples[column].append(value)
-    return samples, loads
+    load = os.getloadavg()[0]
+    return measure(llm, decode_prompts, prefill_prompt), load
 
 
 def main() -> None:
@@ -114,13 +111,21 @@ def main() -> None:
     ids = load_tokenizer(MODEL).encode(load_text("sotu"))
     decode_prompts = [ids[i * DECODE_PROMPT_TOKENS:(i + 1) * DECODE_PROMPT_TOKENS] for i in range(8)]
     prefill_prompt = ids[-PREFILL_TOKENS:]
-    samples, loads = {}, []
-    for name, config in VARIANTS.items():
-        path = MODEL if config is None else str(cached_quantize(MODEL, config, progress=False))
-        samples[name], variant_loads = in_fresh_process(measure_variant, path, args.compile, args.threads,
-                                                        args.repeats, decode_prompts, prefill_prompt)
-        loads += variant_loads
-        print(f"{name} done, load average {', '.join(f'{x:.2f}' for x in variant_loads)}", flush=True)
+    paths = {name: MODEL if config is None else str(cached_quantize(MODEL, config, progress=False))
+             for name, config in VARIANTS.items()}
+    samples = {name: {column: [] for column in COLUMNS} for name in VARIANTS}
+    loads = []
+    # Round-robin: each round measures every model once, so a slow spell of this shared machine
+    # slows all of them alike instead of one model's every repetition.
+    for round_index in range(args.repeats):
+        for name, path in paths.items():
+            row, load = in_fresh_process(measure_variant, path, args.compile, args.threads, decode_prompts,
+                                         prefill_prompt)
+            for column, value in row.items():
+                samples[name][column].append(value)
+            loads.append(load)
+        print(f"round {round_index + 1} done, load average {', '.join(f'{x:.2f}' for x in loads[-len(paths):])}",
+              flush=True)
     medians = {name: {c: statistics.median(v) for c, v in row.items()} for name, row in samples.items()}
     base = medians["bf16"]
     lines = [
@@ -134,8 +139,9 @@ def main() -> None:
         f"new tokens after "
         f"{DECODE_PROMPT_TOKENS}-token prompts; bs8 = 8 different prompts submitted together; decode "
         f"excludes prefill (a 1-token run is subtracted); prefill = time to the first token of one "
-        f"{PREFILL_TOKENS}-token prompt. Median of {args.repeats} repetitions per model; load average "
-        f"(1 min) at the start of each repetition, model by model: "
+        f"{PREFILL_TOKENS}-token prompt. Median of {args.repeats} rounds; each round measures every model "
+        "once, in the order below, each in a fresh process (round-robin: a slow spell of this shared machine "
+        "slows every model alike); load average (1 min) before each measurement, round by round: "
         + ", ".join(f"{load:.2f}" for load in loads) + ". Ratios are vs bf16 (> 1 is faster; for prefill, "
         "bf16 time / model time).",
         "",
