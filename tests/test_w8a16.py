@@ -38,13 +38,15 @@ def test_matches_the_torch_reference(rows, out_features, in_features):
 @needs_kernel
 def test_refuses_what_its_layout_cannot_take():
     x, weight, scales = operands(2, 8, 48)
-    assert not w8a16.supports(x, weight, scales)
+    assert not w8a16.takes(weight, scales)
     with pytest.raises(ValueError, match="divisible by 32"):
         w8a16.w8a16_matmul(x, weight, scales)
     x, weight, scales = operands(2, 8, 64)
-    assert w8a16.supports(x, weight, scales)
-    assert not w8a16.supports(x.float(), weight, scales)
-    assert not w8a16.supports(x, weight.t().contiguous().t(), scales)
+    assert w8a16.takes(weight, scales)
+    assert not w8a16.takes(weight.t().contiguous().t(), scales)
+    assert not w8a16.takes(weight, scales.float())
+    with pytest.raises(ValueError, match="bf16 activations"):
+        w8a16.w8a16_matmul(x.float(), weight, scales)
 
 
 @needs_kernel

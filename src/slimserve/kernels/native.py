@@ -2,10 +2,10 @@
 
 Each kernel is one .cpp file (with the shared headers here) of `extern "C"` functions returning int,
 compiled with the system's C++ compiler (`$CXX`, else `c++`) and the kernel's ISA flags into the
-cache folder, under a name that hashes the sources, compiler and flags, and loaded with ctypes. OpenMP's runtime is torch's own (the
-same libgomp.so.1 soname, already loaded), so the kernels' threads are torch's. Where the CPU lacks
-the ISA, no compiler is found or the build fails, `load` returns None and callers keep torch's
-kernels.
+cache folder, under a name that hashes the sources, compiler and flags, and loaded with ctypes.
+OpenMP's runtime is torch's own (the same libgomp.so.1 soname, already loaded), so the kernels'
+threads are torch's. Where the CPU lacks the ISA, no compiler is found or the build fails, `load`
+returns None and callers keep torch's kernels.
 """
 
 import ctypes

@@ -30,16 +30,19 @@ def available() -> bool:
     return _kernel() is not None
 
 
-def supports(x: Tensor, weight: Tensor, scales: Tensor) -> bool:
-    """True if w8a16_matmul takes these operands here (its layouts, and the kernel built)."""
-    return (x.dtype == torch.bfloat16 and scales.dtype == torch.bfloat16 and weight.dtype == torch.int8
-            and x.device.type == "cpu" and x.dim() == 2 and weight.shape[1] % K_MULTIPLE == 0
-            and x.is_contiguous() and weight.is_contiguous() and scales.is_contiguous() and available())
+def takes(weight: Tensor, scales: Tensor) -> bool:
+    """True if w8a16_matmul takes this weight and these scales here (their layouts, and the kernel
+    built); a layer decides it once, when its weight is set."""
+    return (weight.dtype == torch.int8 and scales.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and weight.shape[1] % K_MULTIPLE == 0 and weight.is_contiguous() and scales.is_contiguous()
+            and available())
 
 
 def w8a16_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
     """x (rows, in) bf16 @ weight (out, in) int8ᵀ * scales (out,) bf16 -> (rows, out) bf16, products
-    summed in fp32. Check supports() first."""
+    summed in fp32, for a weight and scales that takes() accepts."""
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"w8a16_matmul needs contiguous 2-D bf16 activations, got {x.dtype} {tuple(x.shape)}")
     rows, out = x.shape[0], weight.shape[0]
     y = torch.empty(rows, out, dtype=torch.bfloat16)
     failed = _kernel()(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), rows, out, x.shape[1],

@@ -20,13 +20,14 @@ from torch import Tensor
 
 from slimserve.kernels import native
 
-MATMUL_ARGTYPES = (ctypes.c_void_p,) * 5 + (ctypes.c_int64,) * 3 + (ctypes.c_int,)
-LINEAR_ARGTYPES = (ctypes.c_void_p,) * 7 + (ctypes.c_int64,) * 3 + (ctypes.c_int,)
+ARGTYPES = {  # function -> its C signature: pointers, then M, N, K, then threads
+    "w8a8_matmul": (ctypes.c_void_p,) * 5 + (ctypes.c_int64,) * 3 + (ctypes.c_int,),
+    "w8a8_linear": (ctypes.c_void_p,) * 7 + (ctypes.c_int64,) * 3 + (ctypes.c_int,),
+}
 
 
 def _kernel(function: str = "w8a8_matmul"):
-    argtypes = MATMUL_ARGTYPES if function == "w8a8_matmul" else LINEAR_ARGTYPES
-    return native.load("w8a8.cpp", function, ("-mavx512vnni",), frozenset({"avx512_vnni"}), argtypes)
+    return native.load("w8a8.cpp", function, ("-mavx512vnni",), frozenset({"avx512_vnni"}), ARGTYPES[function])
 
 
 def available() -> bool:

@@ -139,6 +139,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales_and_zeros", None)  # INT4_CPU only
         self.onednn: tuple[Tensor, Tensor, Tensor] | None = None  # W8A8_CPU: weight, scales, zeros
         self.vnni: tuple[Tensor, Tensor, Tensor] | None = None  # or: w8a8.pack's weight, sums; scales
+        self.uses_w8a16 = False  # INT8_CPU: kernels/w8a16.cpp takes the weight
         self.register_buffer("perm", None)  # column order making act-order groups contiguous
         self.register_buffer(
             "bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None
@@ -248,7 +249,7 @@ class QuantLinear(nn.Module):
         self.bias = bias
         self.kernel = self._choose_kernel(q.device, scales.dtype)
         self.qweight, self.scales, self.zeros, self.scales_and_zeros = None, None, None, None
-        self.onednn, self.vnni = None, None
+        self.onednn, self.vnni, self.uses_w8a16 = None, None, False
         if self.kernel is Kernel.INT4_CPU:
             self.qweight = pack_int4_cpu(q)
             self.scales_and_zeros = self._int4_scales_and_zeros(scales, zeros)
@@ -260,6 +261,7 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"symmetric 8-bit zeros must all be 128, got {zeros.unique()[:8].tolist()}")
             self.qweight = (q.to(torch.int16) - 128).to(torch.int8)
             self.scales = scales.expand(self.out_features, 1).reshape(-1).contiguous()
+            self.uses_w8a16 = self.kernel is Kernel.INT8_CPU and w8a16.takes(self.qweight, self.scales)
             if self.kernel is Kernel.W8A8_CPU and w8a8.packable(self.qweight):  # held packed; quantized()
                 self.vnni = (*w8a8.pack(self.qweight), self.scales.float())  # unpacks it
                 self.qweight = None
@@ -348,9 +350,9 @@ class QuantLinear(nn.Module):
         x2 = x2.contiguous()
         if self.kernel is Kernel.INT8_CPU and use_gemv(x2):
             y = gemv(x2, self.qweight, self.scales)
-        elif x2.shape[0] > self.packed_max_rows(x2):
+        elif self.kernel in PACKED_CPU_MAX_ROWS and x2.shape[0] > self.packed_max_rows():
             y = self._dequantized_mm(x2)
-        elif self.kernel is Kernel.INT8_CPU and w8a16.supports(x2, self.qweight, self.scales):
+        elif self.uses_w8a16:
             y = w8a16.w8a16_matmul(x2, self.qweight, self.scales)
         elif self.kernel is Kernel.INT4_CPU:
             kernel_group = self.in_features // self.scales_and_zeros.shape[0]
@@ -368,11 +370,9 @@ class QuantLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def packed_max_rows(self, x2: Tensor) -> int:
-        """The most rows of x2 that the layer's packed CPU kernel takes (any count for the others)."""
-        if self.kernel is Kernel.INT8_CPU and w8a16.supports(x2, self.qweight, self.scales):
-            return W8A16_MAX_ROWS
-        return PACKED_CPU_MAX_ROWS.get(self.kernel, x2.shape[0])
+    def packed_max_rows(self) -> int:
+        """The most rows the layer's packed CPU kernel (INT8_CPU, INT4_CPU) takes at once."""
+        return W8A16_MAX_ROWS if self.uses_w8a16 else PACKED_CPU_MAX_ROWS[self.kernel]
 
     def _dequantized_mm(self, x2: Tensor) -> Tensor:
         """x2 @ W.T through the weight dequantized to the compute dtype, for the packed CPU kernels."""
