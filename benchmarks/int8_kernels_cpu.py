@@ -1,0 +1,97 @@
+"""The int8 matmul kernels on CPU, one run, side by side: SmolLM2-135M's 121 fused linear layers.
+
+Random weights of the real shapes (q/k/v 960 x 576, o 576 x 576, gate/up 3072 x 576, down 576 x 1536,
+per layer x 30, and the 49152 x 576 head), each layer its own weight so they come from memory, as
+in a decode step. Time of one pass over all 121 layers at each row count, best of 3:
+- W8A16 (bf16 activations): oneDNN's bf16 GEMM on its prepacked bf16 weight (the bf16 model),
+  torch's `_weight_int8pack_mm`, the int8 weight dequantized to bf16 + GEMM, and kernels/w8a16.cpp;
+- W8A8 (uint8 activations, the integer product only): oneDNN's prepacked u8 x s8 GEMM and
+  kernels/w8a8.cpp.
+Writes benchmarks/results/int8_kernels_cpu.md.
+
+    python benchmarks/int8_kernels_cpu.py [--threads 2]
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from slimserve.eval.machine import machine_info
+from slimserve.kernels import w8a8, w8a16
+
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]  # (out, in)
+ROWS = (1, 8, 32, 128, 512)
+
+
+def best_ms(fn, repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def layer(out_features: int, in_features: int) -> dict:
+    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
+    scales = (torch.rand(out_features) / 64).to(torch.bfloat16)
+    return {
+        "weight": weight, "scales": scales,
+        "bf16": torch.ops.mkldnn._reorder_linear_weight(
+            torch.randn(out_features, in_features).to(torch.bfloat16), None),
+        "onednn": (torch.ops.onednn.qlinear_prepack(weight, None), scales.float(), torch.zeros(1, dtype=torch.long)),
+        "vnni": (*w8a8.pack(weight), scales.float()),
+    }
+
+
+KERNELS = {
+    "bf16 GEMM (oneDNN)": lambda x, x_u8, l: torch.ops.mkldnn._linear_pointwise(x, l["bf16"], None, "none", [], ""),
+    "int8pack_mm (torch)": lambda x, x_u8, l: torch._weight_int8pack_mm(x, l["weight"], l["scales"]),
+    "dequantize + bf16 GEMM": lambda x, x_u8, l: F.linear(x, l["weight"].to(torch.bfloat16)) * l["scales"],
+    "w8a16.cpp": lambda x, x_u8, l: w8a16.w8a16_matmul(x, l["weight"], l["scales"]),
+    "W8A8 u8 x s8 (oneDNN)": lambda x, x_u8, l: torch.ops.onednn.qlinear_pointwise(
+        x_u8, 1.0, 128, *l["onednn"], None, 1.0, 0, torch.float32, "none", [], ""),
+    "W8A8 w8a8.cpp": lambda x, x_u8, l: w8a8.w8a8_matmul(x_u8, *l["vnni"]),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int8_kernels_cpu.md")
+    args = parser.parse_args()
+    if not (w8a16.available() and w8a8.available()):
+        raise SystemExit("the C++ kernels do not build here (AVX512-BF16/VNNI and a C++ compiler needed)")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    machine = machine_info()
+    layers = [layer(*shape) for shape in SHAPES]
+    times = {name: [] for name in KERNELS}
+    for rows in ROWS:
+        x = {k: torch.randn(rows, k).to(torch.bfloat16) for k in (576, 1536)}
+        x_u8 = {k: torch.randint(0, 256, (rows, k), dtype=torch.uint8) for k in (576, 1536)}
+        for name, kernel in KERNELS.items():
+            times[name].append(best_ms(lambda: [kernel(x[l["weight"].shape[1]], x_u8[l["weight"].shape[1]], l)
+                                                for l in layers]))
+        print(rows, {name: round(t[-1], 1) for name, t in times.items()}, flush=True)
+    lines = [
+        "# int8 matmul kernels on CPU: SmolLM2-135M's 121 layers",
+        "",
+        machine.markdown(),
+        "",
+        __doc__.split("\n\n")[1].replace("\n", " "),
+        "",
+        "| kernel | " + " | ".join(f"{rows} rows ms" for rows in ROWS) + " |",
+        "|---|" + "---|" * len(ROWS),
+        *(f"| {name} | " + " | ".join(f"{t:.1f}" for t in row) + " |" for name, row in times.items()),
+    ]
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
