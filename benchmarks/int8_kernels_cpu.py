@@ -83,7 +83,7 @@ def main() -> None:
         "",
         machine.markdown(),
         "",
-        __doc__.split("\n\n")[1].replace("\n", " "),
+        " ".join(__doc__.split("\n\n")[1].split()).removesuffix(" Writes benchmarks/results/int8_kernels_cpu.md."),
         "",
         "| kernel | " + " | ".join(f"{rows} rows ms" for rows in ROWS) + " |",
         "|---|" + "---|" * len(ROWS),

@@ -94,8 +94,9 @@ class Kernel(Enum):
 PACKED_CPU_MAX_ROWS = {Kernel.INT8_CPU: 8, Kernel.INT4_CPU: 48}
 # INT8_CPU runs kernels/w8a16.cpp instead where it is available: it reads the weight once and
 # multiplies 8 rows per pass with bf16 dot products, ahead of the dequantized bf16 GEMM up to
-# about 128 rows on the same shapes (119 vs 129 ms for the 121 layers at 128 rows, 254 vs 228 at 256).
-W8A16_MAX_ROWS = 128
+# about 96 rows on the same shapes (121 layers: 83 vs 94 ms at 64 rows, 125-127 vs 122-127 at 96,
+# 161-165 vs 148-158 at 128; benchmarks/int8_kernels_cpu.py).
+W8A16_MAX_ROWS = 96
 # In a compiled graph, several rows of these kernels run as opaque calls (models/opaque.py): the
 # switch to a dequantized GEMM above depends on the row count, and inductor lowers int4's kernel
 # to a slower one. W8A8 and REF are traced: their extra operations fuse (W8A8_CPU calls only its
