@@ -196,6 +196,21 @@ def test_compiled_warm_up_when_no_context_spans_two_blocks(tiny):
         hf_greedy(hf, prompt, 2)
 
 
+def test_compiled_runners_keep_their_own_graphs(tiny):
+    """Compiled graphs skip the guards on the runner's model (model_runner.input_guards), so each
+    runner compiles its own: a bf16 runner's graphs never serve an fp32 runner of the same model in
+    the same process, whose tokens equal its eager run's."""
+    folder, _ = tiny
+    prompt = random_prompts(1, 5, 5, seed=19)[0]
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    outputs = {}
+    for dtype, compiled in (("bf16", True), ("fp32", True), ("fp32", False)):
+        engine = tiny_engine(folder, dtype=dtype, compile=compiled)
+        engine.warm_up()
+        outputs[dtype, compiled] = generate_one(engine, prompt, params).outputs[0].token_ids
+    assert outputs["fp32", True] == outputs["fp32", False]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_greedy_parity_and_seeded_sampling_on_cuda(tiny):
