@@ -27,7 +27,10 @@ MiB = 2**20
 # recomputed for every output row: the residual add and RMSNorm before SmolLM2-135M's int8 layers
 # (8.7 ms per step that way, 5.1 ms with the normalized row stored once), W8A8's activation
 # quantization (15.6 ms per step, 6.4 ms stored once).
-DECODE_GRAPH_OPTIONS = {"realize_acc_reads_threshold": 2, "realize_opcount_threshold": 4}
+# cpp_wrapper: the graph's kernels are called from compiled C++ rather than from Python. SmolLM2-135M
+# bs1 on 2 Zen 4 cores, fresh processes alternating: bf16 85-88 vs 72-74 tok/s; int8 100-110 either
+# way. The first compilation takes longer (int8: 250 vs 120 s; later starts read the cache).
+DECODE_GRAPH_OPTIONS = {"realize_acc_reads_threshold": 2, "realize_opcount_threshold": 4, "cpp_wrapper": True}
 
 
 def input_guards(entries) -> list[bool]:
