@@ -4,11 +4,12 @@ Three measurements (PEERS.md method), greedy, ignore EOS so every engine makes t
 - bs1 decode tok/s = (N - 1) / (t(N tokens) - t(1 token)): prefill excluded for every engine;
 - 32 concurrent requests (different prompts, 64 new tokens each): generated tokens / wall time;
 - TTFT of one 128-token prompt (time to the first generated token).
-Precisions side by side, all from the same shipped weights: slimserve fp32 / bf16 / int8 / int4 / w8a8
-vs llama.cpp F32 / BF16 / Q8_0 / Q4_0 / Q8_0. slimserve's int8 is RTN symmetric per output channel and
-its int4 RTN symmetric in groups of 32 (Q4_0's grid), both with bf16 activations; its w8a8 is
-SmoothQuant with int8 activations per token, as llama.cpp's Q8_0 and Q4_0 products quantize
-activations to 8 bits (in blocks of 32); transformers runs fp32 / bf16.
+Precisions side by side, all from the same shipped weights: slimserve fp32 / bf16 / int8 / int4 / w4a8 /
+w8a8 vs llama.cpp F32 / BF16 / Q8_0 / Q4_0 / Q4_0 / Q8_0. slimserve's int8 is RTN symmetric per output
+channel and its int4 RTN symmetric in groups of 32 (Q4_0's grid), both with bf16 activations; its w4a8
+is that int4 with int8 activations per group of 32 and its w8a8 SmoothQuant with int8 activations per
+token, as llama.cpp's Q8_0 and Q4_0 products quantize activations to 8 bits (in blocks of 32);
+transformers runs fp32 / bf16.
 A profile of slimserve's bf16 bs1 decode and 32-concurrent run says where the time goes.
 Writes benchmarks/results/engine_cpu.md.
 
@@ -46,6 +47,7 @@ PRECISIONS = {
     "bf16": (None, "bf16"),
     "int8": (QuantConfig(bits=8, group_size=-1), "q8_0"),
     "int4": (QuantConfig(bits=4, group_size=32), "q4_0"),
+    "w4a8": (QuantConfig(bits=4, group_size=32, act_bits=8), "q4_0"),
     "w8a8": (QuantConfig(method="smoothquant", bits=8, group_size=-1, act_bits=8, num_calib_samples=32,
                          calib_seq_len=512), "q8_0"),
 }
@@ -195,8 +197,10 @@ def main() -> None:
         "packed int4 CPU kernel; the one-row compiled graph streams int8 weights through `kernels/gemv.py`); "
         "slimserve w8a8: SmoothQuant (32 x 512 "
         "calibration tokens of `sotu-calib`), int8 weights per output channel and int8 activations per token "
-        "(slimserve's `kernels/w8a8.cpp`); llama.cpp Q8_0 / Q4_0: blocks of 32, whose products "
-        "quantize the activations to 8 bits too (the Q8_0 row serves int8 and w8a8). "
+        "(slimserve's `kernels/w8a8.cpp`); slimserve w4a8: the int4 weights with int8 activations per group of "
+        "32, Q4_0 x Q8_0's arithmetic (`kernels/w4a8.cpp`, at every row count); llama.cpp Q8_0 / Q4_0: blocks "
+        "of 32, whose products quantize the activations to 8 bits too (the Q8_0 row serves int8 and w8a8, "
+        "the Q4_0 row int4 and w4a8). "
         "'compiled' = `compile=True`: batch-1 decode steps run as one torch.compile graph and every other "
         "step as a second one, for any token count, which calls the linear layers and attention as opaque "
         "operators (`models/opaque.py`), the batched decode attention a compiled kernel of its own; "

@@ -69,6 +69,10 @@ def variants(calib: dict, group: int) -> list[Variant]:
         Variant(f"W4 g{group} RTN", "bf16", QuantConfig(bits=4, **low)),
         Variant(f"W4 g{group} GPTQ", "bf16", QuantConfig(method="gptq", bits=4, act_order=True, **low, **calib)),
         Variant(f"W4 g{group} AWQ", "bf16", QuantConfig(method="awq", bits=4, **low, **calib)),
+        # int8 activations per group of the same integers (lm_head's per token): llama.cpp's Q4_0 x Q8_0
+        Variant(f"W4A8 g{group} RTN", "bf16", QuantConfig(bits=4, act_bits=8, **low)),
+        Variant(f"W4A8 g{group} GPTQ", "bf16", QuantConfig(method="gptq", bits=4, act_bits=8, act_order=True,
+                                                           **low, **calib)),
         Variant(f"W3 g{group} RTN", "bf16", QuantConfig(bits=3, **low)),
         Variant(f"W3 g{group} GPTQ", "bf16", QuantConfig(method="gptq", bits=3, act_order=True, **low, **calib)),
     ]
@@ -203,6 +207,8 @@ def main() -> None:
 - W8A8: int8 weights per output channel, int8 activations per token computed at run time (dynamic).
   SmoothQuant: alpha {DEFAULT_ALPHA}, scales folded into input_layernorm (q/k/v), post_attention_layernorm
   (gate/up), v_proj's rows (o_proj, one scale per KV head's channel) and up_proj (down_proj).
+- W4A8: the W4 rows' integers with int8 activations per row and group of {group} columns computed at run time
+  (`kernels/w4a8.cpp`), lm_head W8A8 per token: the arithmetic of llama.cpp's Q4_0 x Q8_0 products.
 - GPTQ: W4/W3 with act-order (desc_act), W8 per channel without; damping 1 %.
 - Quantize s: calibration + method on the fp32 model, without loading and saving.
 - This run took {minutes:.1f} min.

@@ -143,13 +143,16 @@ def test_cached_quantize_writes_once_and_no_partial_folder_passes_for_finished(t
 
 def test_quantize_test_writes_table_and_plots(tiny, tmp_path):
     model_path, text = tiny
-    rows = quantize_test(model_path, ["fp32", "int8", "int4"], str(text), tmp_path, max_windows=1, progress=False)
-    assert [r.name for r in rows] == ["fp32", "int8 (W8A16 RTN)", "int4 (W4 g128 RTN, lm_head W8)"]
+    rows = quantize_test(model_path, ["fp32", "int8", "int4", "w4a8"], str(text), tmp_path, max_windows=1,
+                         progress=False)
+    assert [r.name for r in rows] == ["fp32", "int8 (W8A16 RTN)", "int4 (W4 g128 RTN, lm_head W8)",
+                                      "w4a8 (W4A8 g128 RTN, lm_head W8A8)"]
     sizes = [r.disk_bytes for r in rows]
-    assert sizes[2] < sizes[1] < 0.3 * sizes[0]
+    assert abs(sizes[3] - sizes[2]) < 1024 and sizes[2] < sizes[1] < 0.3 * sizes[0]  # w4a8 stores int4's integers
+    assert rows[3].ppl != rows[2].ppl and abs(rows[3].ppl / rows[2].ppl - 1) < 0.05  # int8 activations: close
     assert all(r.ppl > 1 and r.decode_tokens_per_second > 0 and r.num_windows == 1 for r in rows)
     assert all(r.peak_rss_bytes > 2**20 for r in rows)
-    assert [r.quantize_seconds is None for r in rows] == [True, False, False]
+    assert [r.quantize_seconds is None for r in rows] == [True, False, False, False]
     report = (tmp_path / "report.md").read_text()
     assert "| method | bits | group | MB on disk | peak RAM MB | ppl | Δppl % | decode tok/s | quantize s |" in report
     assert "| fp32 | 32 | — |" in report and "| int4 (W4 g128 RTN, lm_head W8) | 4 | 128 |" in report

@@ -124,7 +124,7 @@ def quantize(
 @app.command(name="quantize-test")
 def quantize_test(
     model: ModelArg = DEFAULT_MODEL,
-    precision: Annotated[str, typer.Option(help="Comma-separated: fp32,fp16,bf16,int8,int4.")] = "fp32,fp16,int8,int4",
+    precision: Annotated[str, typer.Option(help="Comma-separated: fp32,fp16,bf16,int8,int4,w4a8.")] = "fp32,fp16,int8,int4",
     eval_dataset: str = "sotu",
     max_windows: Annotated[int | None, typer.Option(help="Evaluate only the first N windows.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the variants, report.md and plots.")] = Path("quantize-test"),

@@ -25,7 +25,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = True
-    act_bits: int | None = None  # 8 = W8A8: int8 activations quantized per token at run time
+    act_bits: int | None = None  # 8: int8 activations quantized at run time (W8A8 per token, W4A8 per group)
     act_order: bool = False  # GPTQ desc_act: columns in order of decreasing Hessian diagonal
     static_groups: bool = False  # GPTQ: group scales fixed before act-order, g_idx stays trivial
     damp_percent: float = 0.01
@@ -44,14 +44,7 @@ class QuantConfig:
             raise ValueError(
                 f"group_size must be -1 (per channel), 0 (per tensor) or positive, got {self.group_size}"
             )
-        if self.act_bits is not None:
-            if self.act_bits != 8:
-                raise ValueError(f"act_bits must be None or 8, got {self.act_bits}")
-            if self.bits != 8 or not self.sym or self.group_size > 0:
-                raise ValueError(
-                    "act_bits=8 (W8A8) needs symmetric per-channel or per-tensor 8-bit weights, got "
-                    f"bits={self.bits}, sym={self.sym}, group_size={self.group_size}"
-                )
+        check_act_bits(self.act_bits, self.bits, self.sym, self.group_size)
         if not 0 < self.damp_percent <= 1:
             raise ValueError(f"damp_percent must be in (0, 1], got {self.damp_percent}")
         for name in ("block_size", "num_calib_samples", "calib_seq_len"):
@@ -76,6 +69,20 @@ class QuantConfig:
         if merged.get("skip", False):
             return None
         return replace(self, **_fields_only(merged), modules={}, skip=[])
+
+
+def check_act_bits(act_bits: int | None, bits: int, sym: bool, group_size: int) -> None:
+    """Quantized activations: none, or int8 with 4-bit weights (W4A8: activations quantized per
+    weight group) or with symmetric per-channel or per-tensor 8-bit weights (W8A8: per token)."""
+    if act_bits is None:
+        return
+    if act_bits != 8:
+        raise ValueError(f"act_bits must be None or 8, got {act_bits}")
+    if bits != 4 and (bits != 8 or not sym or group_size > 0):
+        raise ValueError(
+            "act_bits=8 needs 4-bit weights (W4A8) or symmetric per-channel or per-tensor 8-bit weights "
+            f"(W8A8), got bits={bits}, sym={sym}, group_size={group_size}"
+        )
 
 
 def _fields_only(override: dict) -> dict:

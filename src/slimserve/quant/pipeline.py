@@ -12,7 +12,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -151,7 +151,7 @@ def precision_variants(precisions: Sequence[str], hf_config: dict) -> list[Varia
     """fp32 / bf16 / fp16 as they are; int8 = W8A16 RTN per channel (symmetric); int4 = W4 RTN,
     asymmetric, in groups of default_group_size, with lm_head at 8 bits per channel, as llama.cpp's
     4-bit mixes keep the output matrix wider (on SmolLM2, 2 windows: +25 % ppl vs +42 % with a
-    4-bit lm_head)."""
+    4-bit lm_head); w4a8 = int4 with int8 activations (per weight group; lm_head's per token)."""
     group_size = default_group_size(hf_config)
     group = f"g{group_size}" if group_size > 0 else "per-channel"
     head_8bit = {"lm_head": {"bits": 8, "group_size": -1, "sym": True}}
@@ -162,6 +162,7 @@ def precision_variants(precisions: Sequence[str], hf_config: dict) -> list[Varia
         "fp16": Variant("fp16", "fp16"),
         "int8": Variant("int8 (W8A16 RTN)", "bf16", QuantConfig(bits=8, group_size=-1)),
         "int4": Variant(f"int4 (W4 {group} RTN, lm_head W8)", "bf16", int4),
+        "w4a8": Variant(f"w4a8 (W4A8 {group} RTN, lm_head W8A8)", "bf16", replace(int4, act_bits=8)),
     }
     unknown = [p for p in precisions if p not in known]
     if unknown or not precisions:

@@ -20,6 +20,12 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
   probe finds oneDNN exact (without VNNI, its u8 x s8 sums can saturate). One row in a compiled
   graph runs kernels.gemv on the integers instead (keep_plain_weight).
 - W8A8_REF: the same arithmetic with a float matmul of the integers (any device).
+- W4A8_CPU: 4-bit weights, any group size, with act_bits 8: activations quantized to int8 per row and
+  weight group at run time, products summed exactly in int32 (llama.cpp's Q4_0 x Q8_0 arithmetic):
+  kernels/w4a8.cpp on the weight in its order, at every row count and inside compiled graphs, where it
+  builds (AVX512-VNNI, a C++ compiler, torch 2.10+; out % 16 == 0, groups of a multiple of 16
+  columns): 1.3x INT4_CPU's speed at 1 row, 2-3x at 8 to 128 (figures in kernels/w4a8.py).
+- W4A8_REF: the same arithmetic in plain torch (kernels.w4a8.w4a8_reference; any device).
 - REF: dequantize, then F.linear: 3/2-bit, asymmetric 8-bit, odd groups, fp32/fp16 activations,
   every non-CPU device (CUDA for now).
 
@@ -41,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimserve.config import QuantConfig
-from slimserve.kernels import w8a8, w8a16
+from slimserve.config import QuantConfig, check_act_bits
+from slimserve.kernels import w4a8, w8a8, w8a16
 from slimserve.kernels.gemv import gemv, use_gemv
 from slimserve.models import opaque
 from slimserve.quant.packing import (
@@ -86,6 +92,8 @@ class Kernel(Enum):
     INT4_CPU = "int4_cpu"
     W8A8_CPU = "w8a8_cpu"
     W8A8_REF = "w8a8_ref"
+    W4A8_CPU = "w4a8_cpu"
+    W4A8_REF = "w4a8_ref"
 
 
 # The packed kernels are compute-bound past a few rows: their time grows about linearly with the
@@ -96,7 +104,7 @@ PACKED_CPU_MAX_ROWS = {Kernel.INT8_CPU: 8, Kernel.INT4_CPU: 48}
 # INT8_CPU runs kernels/w8a16.cpp instead where it is available: it reads the weight once and
 # multiplies 8 rows per pass with bf16 dot products, ahead of the dequantized bf16 GEMM up to
 # about 96 rows on the same shapes (121 layers: 83 vs 94 ms at 64 rows, 125-127 vs 122-127 at 96,
-# 161-165 vs 148-158 at 128; benchmarks/int8_kernels_cpu.py).
+# 161-165 vs 148-158 at 128; benchmarks/quant_kernels_cpu.py).
 W8A16_MAX_ROWS = 96
 # In a compiled graph, several rows of these kernels run as opaque calls (models/opaque.py): the
 # switch to a dequantized GEMM above depends on the row count, and inductor lowers int4's kernel
@@ -125,8 +133,7 @@ class QuantLinear(nn.Module):
         check_group_size(group_size, in_features)
         if in_features * bits % 8 != 0:
             raise ValueError(f"in_features {in_features} x bits {bits} is not a whole number of bytes")
-        if act_bits is not None and (act_bits != 8 or bits != 8 or not sym or group_size > 0):
-            raise ValueError(f"act_bits={act_bits} needs 8 with symmetric per-channel 8-bit weights")
+        check_act_bits(act_bits, bits, sym, group_size)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.sym, self.act_bits = bits, group_size, sym, act_bits
         self.num_groups = in_features // group_size if group_size > 0 else 1
@@ -141,6 +148,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales_and_zeros", None)  # INT4_CPU only
         self.onednn: tuple[Tensor, Tensor, Tensor] | None = None  # W8A8_CPU: weight, scales, zeros
         self.vnni: tuple[Tensor, Tensor, Tensor] | None = None  # or: w8a8.pack's weight, sums; scales
+        self.w4a8: tuple[Tensor, Tensor, Tensor] | None = None  # W4A8_CPU: w4a8.pack's weight, scales, zeros
         self.uses_w8a16 = False  # INT8_CPU: kernels/w8a16.cpp takes the weight
         self.register_buffer("perm", None)  # column order making act-order groups contiguous
         self.register_buffer(
@@ -149,6 +157,8 @@ class QuantLinear(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        if self.w4a8 is not None:
+            return torch.bfloat16  # the only dtype W4A8_CPU takes
         return (self.scales if self.scales is not None else self.scales_and_zeros).dtype
 
     @classmethod
@@ -251,11 +261,14 @@ class QuantLinear(nn.Module):
         self.bias = bias
         self.kernel = self._choose_kernel(q.device, scales.dtype)
         self.qweight, self.scales, self.zeros, self.scales_and_zeros = None, None, None, None
-        self.onednn, self.vnni, self.uses_w8a16 = None, None, False
+        self.onednn, self.vnni, self.w4a8, self.uses_w8a16 = None, None, None, False
         if self.kernel is Kernel.INT4_CPU:
             self.qweight = pack_int4_cpu(q)
             self.scales_and_zeros = self._int4_scales_and_zeros(scales, zeros)
-        elif self.kernel is Kernel.REF:
+        elif self.kernel is Kernel.W4A8_CPU:
+            every_row = (self.out_features, self.num_groups)
+            self.w4a8 = w4a8.pack(q, scales.expand(every_row), zeros.expand(every_row))
+        elif self.kernel in (Kernel.REF, Kernel.W4A8_REF):
             self.qweight = pack_bits(q.to(torch.uint8), self.bits, dim=1, dtype=torch.uint8)
             self.scales, self.zeros = scales, zeros.to(torch.uint8)
         else:  # symmetric 8-bit: the zero point is 128, so q - 128 is the signed weight
@@ -290,6 +303,10 @@ class QuantLinear(nn.Module):
 
     def _choose_kernel(self, device: torch.device, dtype: torch.dtype) -> Kernel:
         on_cpu = device.type == "cpu"
+        if self.act_bits == 8 and self.bits == 4:
+            packable = on_cpu and dtype == torch.bfloat16 and w4a8.packable(self.out_features, self.in_features,
+                                                                             self.num_groups)
+            return Kernel.W4A8_CPU if packable else Kernel.W4A8_REF
         if self.act_bits == 8:
             return Kernel.W8A8_CPU if on_cpu and onednn_int8_exact() else Kernel.W8A8_REF
         packed_cpu = on_cpu and dtype in PACKED_CPU_DTYPES
@@ -323,7 +340,10 @@ class QuantLinear(nn.Module):
             # exact: (8 - zero) * s has at most 12 significant bits before rounding to dtype
             zeros = torch.where(s == 0, 8.0, torch.round(8 - zero_f / s)).to(torch.uint8)
             scales = s.to(self.dtype)
-        elif self.kernel is Kernel.REF:
+        elif self.kernel is Kernel.W4A8_CPU:
+            q, scales, zeros = w4a8.unpack(*self.w4a8)
+            scales, zeros = scales[: self.scale_rows], zeros[: self.scale_rows]
+        elif self.kernel in (Kernel.REF, Kernel.W4A8_REF):
             q = unpack_bits(self.qweight, self.bits, dim=1)
             scales, zeros = self.scales, self.zeros
         else:
@@ -363,6 +383,12 @@ class QuantLinear(nn.Module):
             )
         elif self.kernel is Kernel.INT8_CPU:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        elif self.kernel is Kernel.W4A8_CPU:
+            y = w4a8.w4a8_linear(x2, *self.w4a8)
+        elif self.kernel is Kernel.W4A8_REF:
+            q = unpack_bits(self.qweight, self.bits, dim=1)
+            every_row = (self.out_features, self.num_groups)
+            y = w4a8.w4a8_reference(x2, q, self.scales.expand(every_row), self.zeros.expand(every_row)).to(self.dtype)
         elif self.kernel is Kernel.REF:
             q = unpack_bits(self.qweight, self.bits, dim=1)
             y = F.linear(x2, dequantize_weight(q, self.scales, self.zeros).to(self.dtype))
@@ -449,8 +475,8 @@ class QuantLinear(nn.Module):
         if missing:
             return
         # A layer built on "meta" takes the tensors' device; a materialized one keeps its own
-        # (W8A8_CPU holds no qweight, only its prepacked weight and scales).
-        held = self.qweight if self.qweight is not None else self.scales
+        # (W8A8_CPU holds no qweight, only its prepacked weight and scales; W4A8_CPU its packed three).
+        held = next(t for t in (self.qweight, self.scales, self.w4a8 and self.w4a8[0]) if t is not None)
         device = held.device if held.device.type != "meta" else None
         tensors = {name: state_dict[prefix + name].to(device) for name in names}
         g_idx = state_dict.get(prefix + "g_idx")

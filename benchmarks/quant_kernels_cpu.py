@@ -1,4 +1,4 @@
-"""The int8 matmul kernels on CPU, one run, side by side: SmolLM2-135M's 121 fused linear layers.
+"""The quantized matmul kernels on CPU, one run, side by side: SmolLM2-135M's 121 fused linear layers.
 
 Random weights of the real shapes (q/k/v 960 x 576, o 576 x 576, gate/up 3072 x 576, down 576 x 1536,
 per layer x 30, and the 49152 x 576 head), each layer its own weight so they come from memory, as
@@ -6,10 +6,13 @@ in a decode step. Time of one pass over all 121 layers at each row count, best o
 - W8A16 (bf16 activations): oneDNN's bf16 GEMM on its prepacked bf16 weight (the bf16 model),
   torch's `_weight_int8pack_mm`, the int8 weight dequantized to bf16 + GEMM, and kernels/w8a16.cpp;
 - W8A8 (uint8 activations, the integer product only): oneDNN's prepacked u8 x s8 GEMM and
-  kernels/w8a8.cpp.
-Writes benchmarks/results/int8_kernels_cpu.md.
+  kernels/w8a8.cpp;
+- 4-bit weights in groups of 32 (bf16 activations): an INT4_CPU QuantLinear (torch's
+  `_weight_int4pack_mm_for_cpu` up to 48 rows, the weight dequantized + bf16 GEMM above) and a
+  W4A8_CPU one (kernels/w4a8.cpp, activations quantized to int8 per group in the same call).
+Writes benchmarks/results/quant_kernels_cpu.md.
 
-    python benchmarks/int8_kernels_cpu.py [--threads 2]
+    python benchmarks/quant_kernels_cpu.py [--threads 2]
 """
 
 import argparse
@@ -19,8 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from slimserve.config import QuantConfig
 from slimserve.eval.machine import machine_info
-from slimserve.kernels import w8a8, w8a16
+from slimserve.kernels import w4a8, w8a8, w8a16
+from slimserve.quant.qlinear import PACKED_CPU_MAX_ROWS, Kernel, QuantLinear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]  # (out, in)
 ROWS = (1, 8, 32, 128, 512)
@@ -36,7 +41,14 @@ def best_ms(fn, repeats: int = 3) -> float:
     return best * 1e3
 
 
+def int4_layer(linear: torch.nn.Linear, act_bits: int | None, kernel: Kernel) -> QuantLinear:
+    layer = QuantLinear.from_linear(linear, QuantConfig(bits=4, group_size=32, act_bits=act_bits))
+    assert layer.kernel is kernel, f"{kernel} does not run here"
+    return layer
+
+
 def layer(out_features: int, in_features: int) -> dict:
+    linear = torch.nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16)
     weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
     scales = (torch.rand(out_features) / 64).to(torch.bfloat16)
     return {
@@ -45,6 +57,8 @@ def layer(out_features: int, in_features: int) -> dict:
             torch.randn(out_features, in_features).to(torch.bfloat16), None),
         "onednn": (torch.ops.onednn.qlinear_prepack(weight, None), scales.float(), torch.zeros(1, dtype=torch.long)),
         "vnni": (*w8a8.pack(weight), scales.float()),
+        "int4": int4_layer(linear, None, Kernel.INT4_CPU),
+        "w4a8": int4_layer(linear, 8, Kernel.W4A8_CPU),
     }
 
 
@@ -56,16 +70,25 @@ KERNELS = {
     "W8A8 u8 x s8 (oneDNN)": lambda x, x_u8, l: torch.ops.onednn.qlinear_pointwise(
         x_u8, 1.0, 128, *l["onednn"], None, 1.0, 0, torch.float32, "none", [], ""),
     "W8A8 w8a8.cpp": lambda x, x_u8, l: w8a8.w8a8_matmul(x_u8, *l["vnni"]),
+    "W4 g32 int4pack_mm (torch) / dequantize + GEMM": lambda x, x_u8, l: int4_product(x, l["int4"]),
+    "W4A8 g32 w4a8.cpp": lambda x, x_u8, l: w4a8.w4a8_linear(x, *l["w4a8"].w4a8),
 }
+
+
+def int4_product(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+    """What an INT4_CPU layer's forward runs on x, without its Python around it."""
+    if x.shape[0] > PACKED_CPU_MAX_ROWS[Kernel.INT4_CPU]:
+        return layer._dequantized_mm(x)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.qweight, 32, layer.scales_and_zeros)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int8_kernels_cpu.md")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant_kernels_cpu.md")
     args = parser.parse_args()
-    if not (w8a16.available() and w8a8.available()):
-        raise SystemExit("the C++ kernels do not build here (AVX512-BF16/VNNI and a C++ compiler needed)")
+    if not (w8a16.available() and w8a8.available() and w4a8.available()):
+        raise SystemExit("the C++ kernels do not build here (AVX512-BF16/VNNI, a C++ compiler, torch 2.10+ needed)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     machine = machine_info()
@@ -79,11 +102,11 @@ def main() -> None:
                                                 for l in layers]))
         print(rows, {name: round(t[-1], 1) for name, t in times.items()}, flush=True)
     lines = [
-        "# int8 matmul kernels on CPU: SmolLM2-135M's 121 layers",
+        "# Quantized matmul kernels on CPU: SmolLM2-135M's 121 layers",
         "",
         machine.markdown(),
         "",
-        " ".join(__doc__.split("\n\n")[1].split()).removesuffix(" Writes benchmarks/results/int8_kernels_cpu.md."),
+        " ".join(__doc__.split("\n\n")[1].split()).removesuffix(" Writes benchmarks/results/quant_kernels_cpu.md."),
         "",
         "| kernel | " + " | ".join(f"{rows} rows ms" for rows in ROWS) + " |",
         "|---|" + "---|" * len(ROWS),
