@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant_kernels_cpu.md")
     args = parser.parse_args()
     if not (w8a16.available() and w8a8.available() and w4a8.available()):
-        raise SystemExit("the C++ kernels do not build here (AVX512-BF16/VNNI, a C++ compiler, torch 2.10+ needed)")
+        raise SystemExit("the C++ kernels do not build here (AVX512-BF16/VNNI, a C++ compiler, torch 2.13+ needed)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     machine = machine_info()

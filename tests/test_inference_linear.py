@@ -57,13 +57,14 @@ def test_pack_linears_leaves_other_modules():
     assert [type(m) for m in model] == [PackedLinear, nn.LayerNorm, nn.Linear]  # fp16 has no packed path
 
 
-@pytest.mark.parametrize("bits,group_size", [(8, -1), (4, 32)])
-def test_quantized_llama_fuses_into_one_quant_linear_per_projection(bits, group_size):
+@pytest.mark.parametrize("bits,group_size,act_bits", [(8, -1, None), (4, 32, None), (4, 32, 8)])
+def test_quantized_llama_fuses_into_one_quant_linear_per_projection(bits, group_size, act_bits):
     """q/k/v and gate/up of a quantized model become one QuantLinear each; logits do not move."""
     torch.manual_seed(0)
     args = LlamaArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=96)
-    model = quantize_model(LlamaForCausalLM(args).to(torch.bfloat16), QuantConfig(bits=bits, group_size=group_size))
+    config = QuantConfig(bits=bits, group_size=group_size, act_bits=act_bits)
+    model = quantize_model(LlamaForCausalLM(args).to(torch.bfloat16), config)
     ids = torch.randint(0, 96, (9,))
     meta = AttentionMetadata.without_cache([9])
     with torch.no_grad():

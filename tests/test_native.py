@@ -20,7 +20,7 @@ def fresh_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not (w8a16.available() and w8a8.available() and w4a8.available()),
-                    reason="no AVX512-BF16/VNNI CPU, no compiler or torch before 2.10")
+                    reason="no AVX512-BF16/VNNI CPU, no compiler or torch before 2.13")
 def test_kernels_build_into_an_empty_cache(fresh_cache):
     x = torch.randn(3, 64).to(torch.bfloat16)
     weight = torch.randint(-128, 128, (16, 64), dtype=torch.int8)

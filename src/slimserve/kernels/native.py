@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
 BASE_NEEDS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})  # cpuinfo's names for those ISAs
 STABLE_API_VERSION = 0x020A000000000000  # torch 2.10, the first whose stable C++ API has what w4a8.cpp uses
+# torch 2.11 ends the process (SIGSEGV) when such an operator raises on bad input; 2.13 raises a
+# RuntimeError with the kernel's message (both seen here; 2.12 not tried).
+OPERATORS_MIN_TORCH = "2.13"
 
 
 def cpu_flags() -> set[str]:
@@ -81,8 +84,10 @@ def load(source: str, function: str, flags: tuple[str, ...], needs: frozenset[st
 
 @cache
 def load_operators(source: str, flags: tuple[str, ...], needs: frozenset[str]) -> bool:
-    """Build `source`, which registers torch operators through torch's stable C++ API (torch 2.10 or
-    later), against the running torch and load it; False where it cannot be built."""
+    """Build `source`, which registers torch operators through torch's stable C++ API, against the
+    running torch and load it; False where it cannot be built or torch is older than OPERATORS_MIN_TORCH."""
+    if torch.__version__ < OPERATORS_MIN_TORCH:
+        return False
     torch_dir = Path(torch.__file__).parent
     torch_flags = ("-std=c++17", f"-I{torch_dir / 'include'}", f"-DTORCH_TARGET_VERSION={STABLE_API_VERSION:#x}")
     libraries = (f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}")

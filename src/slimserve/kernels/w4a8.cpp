@@ -29,6 +29,9 @@ namespace {
 using torch::stable::Tensor;
 
 constexpr int64_t PREFETCH_BYTES = 512;  // per weight stream
+// Activation rows per pass and blocks per task. SmolLM2-135M's 121 layers, g32: 4 x 3 took 3.7 / 6.4 /
+// 18.3 / 63.7 ms at 1 / 8 / 32 / 128 rows, ahead of 4 x 2 (4.9-5.2 ms at 1 row), 4 x 4 (7.6 at 8
+// rows, 87 at 128), 4 x 8 and 2 x 4 at every row count.
 constexpr int MAX_CHUNK = 4;
 constexpr int R = 3;
 
@@ -109,6 +112,8 @@ void block(const Args& a, int64_t m0, int64_t b0) {
       _mm256_storeu_si256((__m256i*)(a.y + (m0 + m) * a.N + (b0 + b) * 16), to_bf16(y[m][b]));
 }
 
+// w8a8.cpp's scheduling, spelled again: the two written as one template in rows.h taking the block
+// as a lambda ran 10-20 % slower (SmolLM2's 121 layers, 1 to 128 rows, alternating runs).
 template <int B>
 void task(const Args& a, int64_t b0) {
   for (int64_t m0 = 0; m0 < a.M; m0 += MAX_CHUNK)

@@ -8,7 +8,7 @@ Q4_0 product does with activations in Q8_0 blocks. On SmolLM2-135M's 121 layers 
 The operator slimserve::w4a8_linear is registered from C++ through torch's stable API, so a compiled
 graph's C++ wrapper calls it without Python (the batch-1 decode graph; models/opaque.py's operators
 call back into Python). The layer's weight is stored once, in the kernel's order (`pack`). Built on
-first use by kernels/native.py; where it cannot be (no AVX512-VNNI, no compiler, torch before 2.10),
+first use by kernels/native.py; where it cannot be (no AVX512-VNNI, no compiler, torch before 2.13),
 `available()` is False and layers take `w4a8_reference`, the torch oracle of the same arithmetic.
 """
 
@@ -70,7 +70,8 @@ def quantize_activations(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
 
 def w4a8_reference(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
     """The same product in plain torch on any device, fp32 (rows, out): per group, the int8
-    activations times q - zeros, exact in fp32 (|sum| < 2^24), times the weight and activation scales."""
+    activations times q - zeros (exact in fp32 for groups of up to 8,800 columns: |sum| < 2^24), times
+    the weight and activation scales."""
     num_groups = scales.shape[1]
     x_q, x_scales = quantize_activations(x, num_groups)
     weight = (q.float() - zeros.float().repeat_interleave(q.shape[1] // num_groups, dim=1))

@@ -23,7 +23,7 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
 - W4A8_CPU: 4-bit weights, any group size, with act_bits 8: activations quantized to int8 per row and
   weight group at run time, products summed exactly in int32 (llama.cpp's Q4_0 x Q8_0 arithmetic):
   kernels/w4a8.cpp on the weight in its order, at every row count and inside compiled graphs, where it
-  builds (AVX512-VNNI, a C++ compiler, torch 2.10+; out % 16 == 0, groups of a multiple of 16
+  builds (AVX512-VNNI, a C++ compiler, torch 2.13+; out % 16 == 0, groups of a multiple of 16
   columns): 1.3x INT4_CPU's speed at 1 row, 2-3x at 8 to 128 (figures in kernels/w4a8.py).
 - W4A8_REF: the same arithmetic in plain torch (kernels.w4a8.w4a8_reference; any device).
 - REF: dequantize, then F.linear: 3/2-bit, asymmetric 8-bit, odd groups, fp32/fp16 activations,
