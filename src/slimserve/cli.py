@@ -99,7 +99,8 @@ def quantize(
     sym: Annotated[bool, typer.Option("--sym/--asym")] = _QUANT.sym,
     act_order: bool = _QUANT.act_order,
     act_bits: Annotated[int | None, typer.Option(
-        help="8: int8 activations per token at run time (W8A8); smoothquant's default, else none.")] = None,
+        help="8: int8 activations at run time, per token with 8-bit weights (W8A8), per weight group with "
+             "4-bit weights (W4A8); smoothquant's default, else none.")] = None,
     calib: Annotated[str, typer.Option(help="Calibration text: sotu-calib, moby-dick or a file.")] = "sotu-calib",
     num_calib_samples: int = _QUANT.num_calib_samples,
     calib_seq_len: int = _QUANT.calib_seq_len,
