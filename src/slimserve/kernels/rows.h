@@ -1,6 +1,7 @@
 // Helpers shared by the C++ CPU kernels beside this file.
 #pragma once
 
+#include <immintrin.h>
 #include <stdint.h>
 
 #include <type_traits>
@@ -18,6 +19,14 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .
   uint32_t bits;
   __builtin_memcpy(&bits, &f, 4);
   return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// 16 fp32 -> 16 bf16: float_to_bf16 in lanes (AVX512F).
+inline __m256i to_bf16(__m512 v) {
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
 
 // f(std::integral_constant<int, rows>) for 1 <= rows <= Max: a kernel's row count as a template

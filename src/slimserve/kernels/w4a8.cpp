@@ -51,14 +51,6 @@ inline __m512 bf16x16_to_float(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// 16 fp32 -> 16 bf16, round to nearest even (slimserve::float_to_bf16 in lanes).
-inline __m256i to_bf16(__m512 v) {
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-}
-
 inline __m512i broadcast4(const int8_t* p) {
   int32_t four;
   __builtin_memcpy(&four, p, 4);
@@ -109,7 +101,7 @@ void block(const Args& a, int64_t m0, int64_t b0) {
   }
   for (int m = 0; m < M; ++m)
     for (int b = 0; b < B; ++b)
-      _mm256_storeu_si256((__m256i*)(a.y + (m0 + m) * a.N + (b0 + b) * 16), to_bf16(y[m][b]));
+      _mm256_storeu_si256((__m256i*)(a.y + (m0 + m) * a.N + (b0 + b) * 16), slimserve::to_bf16(y[m][b]));
 }
 
 // w8a8.cpp's scheduling, spelled again: the two written as one template in rows.h taking the block

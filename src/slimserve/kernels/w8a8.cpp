@@ -37,14 +37,6 @@ struct Args {
   int64_t M, N, K;
 };
 
-// 16 fp32 -> 16 bf16, round to nearest even (slimserve::float_to_bf16 in lanes).
-inline __m256i to_bf16(__m512 v) {
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-}
-
 // Rows [m0, m0 + M) of y for blocks [b0, b0 + B).
 template <int M, int B>
 void block(const Args& a, int64_t m0, int64_t b0) {
@@ -78,7 +70,7 @@ void block(const Args& a, int64_t m0, int64_t b0) {
       __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][b], corr)), scale);
       int64_t at = (m0 + m) * a.N + n;
       if (a.row_scale)
-        _mm256_storeu_si256((__m256i*)(a.y_bf16 + at), to_bf16(_mm512_mul_ps(y, _mm512_set1_ps(a.row_scale[m0 + m]))));
+        _mm256_storeu_si256((__m256i*)(a.y_bf16 + at), slimserve::to_bf16(_mm512_mul_ps(y, _mm512_set1_ps(a.row_scale[m0 + m]))));
       else
         _mm512_storeu_ps(a.y + at, y);
     }
