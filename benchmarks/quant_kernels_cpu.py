@@ -10,6 +10,9 @@ in a decode step. Time of one pass over all 121 layers at each row count, best o
 - 4-bit weights in groups of 32 (bf16 activations): an INT4_CPU QuantLinear (torch's
   `_weight_int4pack_mm_for_cpu` up to 48 rows, the weight dequantized + bf16 GEMM above) and a
   W4A8_CPU one (kernels/w4a8.cpp, activations quantized to int8 per group in the same call).
+One row, as the batch-1 decode graph runs it: kernels/gemv.cpp on the plain bf16 and int8 weights
+against the torch expression it replaced there (kernels.gemv.gemv_reference, all 121 layers compiled
+into one torch.compile graph), with the weight bytes each reads per second.
 Writes benchmarks/results/quant_kernels_cpu.md.
 
     python benchmarks/quant_kernels_cpu.py [--threads 2]
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 
 from slimserve.config import QuantConfig
 from slimserve.eval.machine import machine_info
-from slimserve.kernels import w4a8, w8a8, w8a16
+from slimserve.kernels import gemv, w4a8, w8a8, w8a16
 from slimserve.quant.qlinear import PACKED_CPU_MAX_ROWS, Kernel, QuantLinear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]  # (out, in)
@@ -82,12 +85,33 @@ def int4_product(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.qweight, 32, layer.scales_and_zeros)
 
 
+def one_row(layers: list[dict]) -> list[str]:
+    """Table rows: the one-row products of the bf16 and int8 weights, gemv.cpp vs inductor's loop."""
+    x = {k: torch.randn(1, k).to(torch.bfloat16) for k in (576, 1536)}
+    bf16 = [torch.randn(l["weight"].shape).to(torch.bfloat16) for l in layers]
+    int8 = [(l["weight"], l["scales"]) for l in layers]
+
+    @torch.compile
+    def compiled(weights: list[tuple]) -> list[torch.Tensor]:
+        return [gemv.gemv_reference(x[w[0].shape[1]], *w) for w in weights]
+
+    rows = []
+    for name, weights in (("bf16", [(w,) for w in bf16]), ("int8 x bf16 scale", int8)):
+        size = sum(w[0].numel() * w[0].element_size() for w in weights)
+        for kernel, fn in (("gemv.cpp", lambda: [gemv.gemv(x[w[0].shape[1]], *w) for w in weights]),
+                           ("torch expression, compiled", lambda: compiled(weights))):
+            ms = best_ms(fn, repeats=5)
+            rows.append(f"| {name} | {kernel} | {ms:.2f} | {size / ms / 1e6:.1f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant_kernels_cpu.md")
     args = parser.parse_args()
-    if not (w8a16.available() and w8a8.available() and w4a8.available()):
+    if not (w8a16.available() and w8a8.available() and w4a8.available() and gemv.available()):
         raise SystemExit("the C++ kernels do not build here (AVX512-BF16/VNNI, a C++ compiler, torch 2.13+ needed)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -101,6 +125,8 @@ def main() -> None:
             times[name].append(best_ms(lambda: [kernel(x[l["weight"].shape[1]], x_u8[l["weight"].shape[1]], l)
                                                 for l in layers]))
         print(rows, {name: round(t[-1], 1) for name, t in times.items()}, flush=True)
+    with torch.inference_mode():
+        single = one_row(layers)
     lines = [
         "# Quantized matmul kernels on CPU: SmolLM2-135M's 121 layers",
         "",
@@ -111,6 +137,12 @@ def main() -> None:
         "| kernel | " + " | ".join(f"{rows} rows ms" for rows in ROWS) + " |",
         "|---|" + "---|" * len(ROWS),
         *(f"| {name} | " + " | ".join(f"{t:.1f}" for t in row) + " |" for name, row in times.items()),
+        "",
+        "One row, the batch-1 decode graph's products:",
+        "",
+        "| weight | kernel | ms | GB/s |",
+        "|---|---|---|---|",
+        *single,
     ]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -432,8 +432,9 @@ class QuantLinear(nn.Module):
 
     def keep_plain_weight(self) -> None:
         """For a compiled engine's one-row graph: W8A8_CPU keeps its int8 weight unpacked beside the
-        prepacked one, which kernels.gemv streams at 23 GB/s where oneDNN's one-row product reads
-        13 (SmolLM2-135M's layers, Zen 4). The layer then holds its weight twice."""
+        prepacked one, which kernels.gemv reads faster at one row: SmolLM2-135M's 121 layers in 3.6 ms
+        where oneDNN's product takes 6.6 and w8a8.cpp 4.1 (benchmarks/results/quant_kernels_cpu.md).
+        The layer then holds its weight twice."""
         if self.kernel is Kernel.W8A8_CPU and self.qweight is None:
             self.qweight = self._signed_weight().contiguous()
 
