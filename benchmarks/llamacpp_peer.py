@@ -28,6 +28,7 @@ def requantize(src: Path, quant: str, out_dir: Path) -> Path:
     """The shipped GGUF rewritten at another precision (same dense weights: it was dequantized first)."""
     dst = out_dir / f"{src.stem}.{quant}.gguf"
     if not dst.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)  # llama.cpp does not make it
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = FTYPES[quant]
         params.allow_requantize = True
