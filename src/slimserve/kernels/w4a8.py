@@ -1,9 +1,9 @@
 """W4A8 in C++ (w4a8.cpp): bf16 activations quantized to int8 per row and weight group, times a 4-bit
 weight two nibbles a byte, summed exactly in int32 by AVX512-VNNI dot products; what llama.cpp's
 Q4_0 product does with activations in Q8_0 blocks. On SmolLM2-135M's 121 layers in groups of 32
-(2 Zen 4 cores, benchmarks/results/quant_kernels_cpu.md): 4.3 / 7.4 / 22.2 / 68.3 ms at 1 / 8 / 32 /
-128 rows, where torch's int4 kernel (W4A16; dequantized + bf16 GEMM past 48 rows) takes 5.3 / 15.7 /
-54.7 / 210.9 and the bf16 GEMM 15.3 / 16.6 / 31.3 / 98.2.
+(2 Zen 4 cores, benchmarks/results/quant_kernels_cpu.md): 3.2 / 5.0 / 11.9 / 36.1 ms at 1 / 8 / 32 /
+128 rows, where torch's int4 kernel (W4A16; dequantized + bf16 GEMM past 48 rows) takes 3.8 / 8.3 /
+28.0 / 133.6 and oneDNN's bf16 GEMM 8.7 / 10.1 / 17.1 / 43.9.
 
 The operator slimserve::w4a8_linear is registered from C++ through torch's stable API, so a compiled
 graph's C++ wrapper calls it without Python (the batch-1 decode graph; models/opaque.py's operators

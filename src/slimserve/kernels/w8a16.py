@@ -4,8 +4,8 @@ torch's own kernel for this (aten._weight_int8pack_mm) converts and multiplies o
 time and takes blocks of 4 rows per thread, so at 8 rows each thread reads the whole weight. w8a16.cpp
 widens each int8 weight to bf16 once and multiplies it with up to 8 rows by AVX512-BF16 dot products,
 prefetching the weight. SmolLM2-135M's 121 layers on 2 Zen 4 cores (benchmarks/results/
-quant_kernels_cpu.md): 6.2 ms at 1 row and 8.7 at 8, where torch's int8 kernel takes 10.1 and 26.8
-and oneDNN's bf16 GEMM 15.3 and 16.6; engine figures in benchmarks/results/quant_speed_cpu.md.
+quant_kernels_cpu.md): 4.4 ms at 1 row and 5.5 at 8, where torch's int8 kernel takes 5.3 and 9.6
+and oneDNN's bf16 GEMM 8.7 and 10.1; engine figures in benchmarks/results/quant_speed_cpu.md.
 
 Built on first use by kernels/native.py; where it cannot be (no AVX512-BF16, no compiler),
 `available()` is False and callers keep torch's kernel. w8a16_reference is the torch oracle.
