@@ -78,3 +78,14 @@ def test_compiled_graph_calls_the_operator_without_python():
         out, code = run_and_get_code(compiled, x)
     assert torch.equal(out, torch.relu(torch.ops.slimserve.gemv(x, w, None, bias)))
     assert 'aoti_torch_call_dispatcher("slimserve::gemv"' in "".join(code)
+
+
+def test_without_the_operator_graphs_run_the_torch_expression(monkeypatch):
+    """No AVX512, compiler or torch 2.13 (available() False): inductor compiles the expression instead."""
+    monkeypatch.setattr(gemv, "available", lambda: False)
+    x, w, scales, _ = operands(1, 24, 40, torch.bfloat16, torch.int8, True, False)
+    compiled = torch.compile(lambda x: gemv.gemv(x, w, scales), fullgraph=True)
+    with torch.no_grad():
+        out, code = run_and_get_code(compiled, x)
+    assert "slimserve" not in "".join(code)
+    torch.testing.assert_close(out, gemv.gemv_reference(x, w, scales), rtol=2**-7, atol=1e-2)
