@@ -1,8 +1,9 @@
-// Matrix-vector products for batch-1 decode with AVX512F: y (M, N) = x (M, K) @ (w (N, K) * scales (N,)).T
-// + bias, each weight widened to fp32 in registers and summed in fp32, as kernels/gemv.py's torch
-// expression computes it (only the order of the sums differs). Weights fp32, bf16 or int8, read in
-// their plain (N, K) layout; activations fp32 or bf16, and y in their dtype. Built and registered by
-// gemv.py as the torch operator slimserve::gemv, so a compiled graph calls it without Python.
+// Matrix-vector products for batch-1 decode with AVX512 (F, BW, VL):
+// y (M, N) = x (M, K) @ (w (N, K) * scales (N,)).T + bias, each weight widened to fp32 in registers
+// and summed in fp32, as kernels/gemv.py's torch expression computes it (only the order of the sums
+// differs). Weights fp32, bf16 or int8, read in their plain (N, K) layout; activations fp32 or bf16,
+// and y in their dtype. Built and registered by gemv.py as the torch operator slimserve::gemv, so a
+// compiled graph calls it without Python.
 //
 // One row's product is the time to read the weight. The activations are widened to fp32 once; each
 // thread then streams a contiguous range of weight rows in address order, one row at a time, which

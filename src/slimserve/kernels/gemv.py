@@ -1,7 +1,7 @@
 """One-row matrix-vector products for the batch-1 decode graph: kernels/gemv.cpp, else torch.
 
 At one row (batch-1 decode) a linear layer's time is the time to read its weight. gemv.cpp
-(AVX512F) streams the plain (out, in) weight, fp32, bf16 or int8, widening it to fp32 in registers;
+(AVX512) streams the plain (out, in) weight, fp32, bf16 or int8, widening it to fp32 in registers;
 registered from C++ as the torch operator slimserve::gemv, a compiled graph's C++ wrapper calls it
 without Python. Where it cannot be built (no AVX512, no compiler, torch before 2.13), the same sum is
 written as a multiply and a sum over in_features, for which inductor emits a vectorized loop per
