@@ -9,7 +9,8 @@ from torch._inductor.utils import run_and_get_code
 
 from slimserve.kernels import gemv
 
-needs_kernel = pytest.mark.skipif(not gemv.available(), reason="no AVX512 CPU, no C++ compiler or torch before 2.13 here")
+needs_kernel = pytest.mark.skipif(not gemv.available(),
+                                  reason="no AVX512 CPU, no C++ compiler or torch before 2.13 here")
 X_DTYPES = (torch.float32, torch.bfloat16)
 W_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
@@ -38,8 +39,9 @@ def test_reference_follows_the_definition():
        x_dtype=st.sampled_from(X_DTYPES), w_dtype=st.sampled_from(W_DTYPES), scaled=st.booleans(),
        biased=st.booleans(), seed=st.integers(0, 2**16))
 def test_matches_the_torch_expression(rows, out_features, in_features, x_dtype, w_dtype, scaled, biased, seed):
-    """Any shape (tails of 8 output rows and 16 columns included), every dtype pairing; the two sum
-    in a different order, so fp32 agrees to rounding and bf16 results to one bf16 step."""
+    """Any shape (column tails past the 64-column steps and within a 16-column one), every dtype
+    pairing; the two sum in a different order, so fp32 agrees to rounding and bf16 results to one
+    bf16 step."""
     x, w, scales, bias = operands(rows, out_features, in_features, x_dtype, w_dtype, scaled, biased, seed)
     out = torch.ops.slimserve.gemv(x, w, scales, bias)
     assert out.dtype == x_dtype and out.shape == (rows, out_features)

@@ -5,7 +5,7 @@
 // and y in their dtype. Built and registered by gemv.py as the torch operator slimserve::gemv, so a
 // compiled graph calls it without Python.
 //
-// One row's product is the time to read the weight. The activations are widened to fp32 once; each
+// One row's product is the time to read the weight. bf16 activations are widened to fp32 once; each
 // thread then streams a contiguous range of weight rows in address order, one row at a time, which
 // keeps the hardware prefetcher on one long stream. Blocks of 8 rows read side by side, each row a
 // stream of its own, read SmolLM2-135M's bf16 layers from DRAM at a third of that speed (rows of 576
@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include <torch/csrc/stable/library.h>
@@ -41,8 +42,6 @@ inline __m512 widen(const int8_t* p, __mmask16 valid) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(valid, p)));
 }
 
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) { return slimserve::bf16_to_float(v); }
 inline void store(float* p, float v) { *p = v; }
 inline void store(uint16_t* p, float v) { *p = slimserve::float_to_bf16(v); }
 
@@ -92,10 +91,24 @@ void product(const float* xf, const W* w, PerRow scale, PerRow bias, X* y, int64
 template <class X, class W>
 void run(const Tensor& x, const Tensor& w, PerRow scale, PerRow bias, Tensor& y, int threads) {
   const int64_t M = x.size(0), K = x.size(1);
-  std::vector<float> xf(M * K);
   const X* xp = (const X*)x.data_ptr();
-  for (int64_t i = 0; i < M * K; ++i) xf[i] = to_float(xp[i]);
-  product(xf.data(), (const W*)w.data_ptr(), scale, bias, (X*)y.data_ptr(), M, w.size(0), K, threads);
+  std::vector<float> widened;
+  if constexpr (!std::is_same_v<X, float>) {
+    widened.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) widened[i] = slimserve::bf16_to_float(xp[i]);
+  }
+  const float* xf = std::is_same_v<X, float> ? (const float*)xp : widened.data();
+  product(xf, (const W*)w.data_ptr(), scale, bias, (X*)y.data_ptr(), M, w.size(0), K, threads);
+}
+
+// run<X, W> for the weight's dtype.
+template <class X>
+void run_for_weight(const Tensor& x, const Tensor& w, PerRow scale, PerRow bias, Tensor& y, int threads) {
+  switch (w.scalar_type()) {
+    case ScalarType::Float: return run<X, float>(x, w, scale, bias, y, threads);
+    case ScalarType::BFloat16: return run<X, uint16_t>(x, w, scale, bias, y, threads);
+    default: return run<X, int8_t>(x, w, scale, bias, y, threads);  // int8, as gemv checked
+  }
 }
 
 PerRow per_row(const std::optional<Tensor>& v, int64_t N, const char* name) {
@@ -121,15 +134,8 @@ Tensor gemv(Tensor x, Tensor w, std::optional<Tensor> scales, std::optional<Tens
   Tensor y = torch::stable::new_empty(x, {x.size(0), N});
   if (x.size(0) == 0 || N == 0) return y;
   const int threads = torch::stable::get_num_threads();
-  if (xt == ScalarType::Float) {
-    if (wt == ScalarType::Float) run<float, float>(x, w, sp, bp, y, threads);
-    else if (wt == ScalarType::BFloat16) run<float, uint16_t>(x, w, sp, bp, y, threads);
-    else run<float, int8_t>(x, w, sp, bp, y, threads);
-  } else {
-    if (wt == ScalarType::Float) run<uint16_t, float>(x, w, sp, bp, y, threads);
-    else if (wt == ScalarType::BFloat16) run<uint16_t, uint16_t>(x, w, sp, bp, y, threads);
-    else run<uint16_t, int8_t>(x, w, sp, bp, y, threads);
-  }
+  if (xt == ScalarType::Float) run_for_weight<float>(x, w, sp, bp, y, threads);
+  else run_for_weight<uint16_t>(x, w, sp, bp, y, threads);
   return y;
 }
 
