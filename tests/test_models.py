@@ -71,7 +71,7 @@ def test_fused_prepacked_model_matches_the_loaded_one(pair, dtype):
 
 
 @torch.no_grad()
-def test_paged_cache_matches_full_forward(pair):
+def test_paged_cache_matches_full_forward(pair, decode_operator):
     """Prefill in chunks and decode one token at a time through a shuffled block table; the last
     chunk, after 29 cached tokens, spans several blocks of CPU attention's query rows."""
     _, ours, _ = pair
@@ -93,7 +93,7 @@ def test_paged_cache_matches_full_forward(pair):
 
 
 @torch.no_grad()
-def test_batched_decode_matches_per_sequence_decode(pair):
+def test_batched_decode_matches_per_sequence_decode(pair, decode_operator):
     """Decodes of sequences with different context lengths in one padded call == one call each."""
     _, ours, _ = pair
     block_size, lens = 4, [9, 3, 14]
@@ -115,9 +115,10 @@ def test_batched_decode_matches_per_sequence_decode(pair):
 
 @pytest.mark.parametrize("sliding_window", [None, 8])
 def test_compiled_decode_attention_matches_the_eager_one(sliding_window):
-    """Compiled engines' batched decode attention (one kernel reading the cache blocks in place)
-    equals the eager gather + matmul path: padded block tables, contexts within one block and over
-    several, a sliding window. Its one compilation serves every batch and context size."""
+    """Compiled engines' batched decode attention where the operator is not available (one kernel
+    reading the cache blocks in place) equals the eager gather + matmul path: padded block tables,
+    contexts within one block and over several, a sliding window. Its one compilation serves every
+    batch and context size."""
     torch.manual_seed(0)
     num_kv_heads, group, head_dim, block_size = 2, 3, 16, 4
     k_cache, v_cache = torch.randn(2, num_kv_heads, 12, block_size, head_dim, dtype=torch.bfloat16)
@@ -130,7 +131,7 @@ def test_compiled_decode_attention_matches_the_eager_one(sliding_window):
         block_tables, _, context_lens = meta.decode_layout()
         got = compiled_decode_attention(q, k_cache, v_cache, block_tables, context_lens, attention.scale,
                                         sliding_window)
-        torch.testing.assert_close(got, attention._decode(q, None, None, k_cache, v_cache, meta))
+        torch.testing.assert_close(got, attention._decode_gathered(q, None, None, k_cache, v_cache, meta))
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[0]
 

@@ -60,11 +60,13 @@ class ModelRunner:
         self.model = prepare_for_inference(load_model(config.model, self.dtype, self.device), config.compile)
         self.compiled_decode = self.compiled_model = None
         if config.compile:
-            # Batch-1 decode steps as one graph (the context length is a dynamic dimension): there the
-            # eager step's per-op overhead and oneDNN's GEMV leave half the memory bandwidth unused.
+            # Decode-only steps as one graph for one sequence and one for any number (the context
+            # length a dynamic dimension of both): at batch 1 the eager step's per-op overhead and
+            # oneDNN's GEMV leave half the memory bandwidth unused; batched, attention's operator
+            # is called from the graph without Python.
             self.compiled_decode = compile_own(self._decode, options=DECODE_GRAPH_OPTIONS)
-            # Every other step of two tokens or more as one graph with a dynamic token count, the
-            # matrix products and attention called from it as opaque operators (models/opaque.py).
+            # Every other step as one graph with a dynamic token count, the matrix products and
+            # attention called from it as opaque operators (models/opaque.py).
             opaque.register(self.model)
             self.compiled_model = compile_own(self._model_step, dynamic=True)
         self.warmed_up = False  # every graph compiled: see _forward
@@ -145,8 +147,8 @@ class ModelRunner:
         # The scheduler lists decodes first; any leading run of one-token sequences takes the batched path.
         num_decode_seqs = next((i for i, n in enumerate(scheduled.num_scheduled_tokens) if n != 1), len(scheduled.seqs))
         rows = [i for i, seq in enumerate(scheduled.seqs) if context_lens[i] == len(seq)]  # those sampling now
-        if (self.compiled_decode is not None and len(input_ids) == len(rows) == 1
-                and scheduled.seqs[0].sampling_params.prompt_logprobs is None):
+        if (self.compiled_decode is not None and len(input_ids) == len(rows)  # one token each, all sampling
+                and all(seq.sampling_params.prompt_logprobs is None for seq in scheduled.seqs)):
             return self._sample(scheduled.seqs, self._run_compiled(input_ids, positions, slot_mapping, block_tables,
                                                                    context_lens))
         meta = AttentionMetadata(cu_seqlens_q, context_lens, self._tensor(slot_mapping), self._tensor(block_tables),
@@ -178,26 +180,31 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile the graphs now rather than at the first requests' steps: batch-1 decode (contexts
-        of one block and of more), and the step of two tokens or more with the batched decode
-        attention it calls (a step of two one-token sequences). The two blocks written are zeroed
-        again afterwards."""
+        """Compile the graphs now rather than at the first requests' steps: decode of one sequence
+        and of two (which serves any number), and the other steps' graph with the batched decode
+        attention it calls (a step of two one-token sequences). The block written is zeroed again
+        afterwards."""
         if self.compiled_decode is None:
             return
-        for num_blocks in (1, 2)[:self.blocks_per_seq]:  # no 2-block graph where no context needs 2
-            last = num_blocks * self.block_size - 1  # the slot of the last position, blocks 0..num_blocks-1
-            self._run_compiled([0], [last], [last], [list(range(num_blocks))], [last + 1])
-        meta = AttentionMetadata([0, 1, 2], [1, 2], self._tensor([0, 1]), self._tensor([[0], [0]]), self.kv_cache,
+        self._run_compiled([0], [0], [0], [[0]], [1])
+        self._run_compiled([0, 0], [0, 0], [0, 0], [[0], [0]], [1, 1])
+        meta = AttentionMetadata([0, 1, 2], [1, 1], self._tensor([0, 0]), self._tensor([[0], [0]]), self.kv_cache,
                                  num_decode_seqs=2)
-        self._forward(self._tensor([0, 0]), self._tensor([0, 1]), meta)
-        self.kv_cache[:, :, :, :2].zero_()
+        self._forward(self._tensor([0, 0]), self._tensor([0, 0]), meta)
+        self.kv_cache[:, :, :, 0].zero_()
         self.warmed_up = True
 
     def _run_compiled(self, input_ids: list[int], positions: list[int], slot_mapping: list[int],
                       block_tables: list[list[int]], context_lens: list[int]) -> torch.Tensor:
+        """A decode-only step through compiled_decode. Block tables get at least two columns (the
+        second -1 where one block holds every context) and their width is marked dynamic, so one
+        graph serves every context length; the sequence count is too from two sequences on."""
+        block_tables = [table + [-1] for table in block_tables] if len(block_tables[0]) == 1 else block_tables
         tensors = [self._tensor(values) for values in (input_ids, positions, slot_mapping, block_tables, context_lens)]
-        if tensors[3].shape[1] > 1:  # one graph for every longer context; a 1 would be specialized anyway
-            torch._dynamo.mark_dynamic(tensors[3], 1)
+        torch._dynamo.mark_dynamic(tensors[3], 1)
+        if len(input_ids) > 1:
+            for tensor in tensors:
+                torch._dynamo.mark_dynamic(tensor, 0)
         logits, new_kv = self.compiled_decode(*tensors)
         store_kv(new_kv, self.kv_cache, tensors[2])
         return logits
@@ -212,8 +219,7 @@ class ModelRunner:
         """The body of the compiled graph: a decode-only step (one new token per sequence). Returns
         the logits and the new keys and values of every layer, (layers, 2, n, Hkv, D), for store_kv."""
         n = input_ids.shape[0]
-        meta = AttentionMetadata(list(range(n + 1)), [], slot_mapping, block_tables, self.kv_cache, n, context_lens,
-                                 new_kv=[])
+        meta = AttentionMetadata([], [], slot_mapping, block_tables, self.kv_cache, n, context_lens, new_kv=[])
         logits = self.model.compute_logits(self.model(input_ids, positions, meta))
         return logits, torch.stack([torch.stack(kv) for kv in meta.new_kv])
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimserve.kernels import paged_attention
 from slimserve.models import opaque
 
 # Query rows per block of CPU prefill attention: 64 or 128 are fastest on 2 cores at 128-2048 tokens.
@@ -26,7 +27,9 @@ QUERY_BLOCK = 64
 class AttentionMetadata:
     """Layout of one flat batch. S sequences, T tokens in all.
 
-    cu_seqlens_q: S+1 ints, prefix sums of the new (query) tokens per sequence.
+    cu_seqlens_q: S+1 ints, prefix sums of the new (query) tokens per sequence. Empty for a
+        decode-only batch run as one compiled graph, whose sequence count may be symbolic: there
+        num_decode_seqs says how many (one token each).
     context_lens: S ints, tokens each sequence attends to after this step (cached + new).
         Empty for a decode-only batch run as one compiled graph, which gives decode_context_lens.
     slot_mapping: (T,) int64 cache slot of each new token, or None to run without a cache.
@@ -65,7 +68,7 @@ class AttentionMetadata:
 
     def _make_decode_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.num_decode_seqs
-        assert n and self.cu_seqlens_q[n] == n, "decode sequences come first, one token each"
+        assert n and (not self.cu_seqlens_q or self.cu_seqlens_q[n] == n), "decode sequences come first, one each"
         block_size = self.kv_cache.shape[4]
         device = self.block_tables.device
         context_lens = self.decode_context_lens
@@ -106,7 +109,7 @@ class AttentionMetadata:
 
     @property
     def num_seqs(self) -> int:
-        return len(self.cu_seqlens_q) - 1
+        return len(self.cu_seqlens_q) - 1 if self.cu_seqlens_q else self.num_decode_seqs
 
 
 class PagedAttention(nn.Module):
@@ -137,6 +140,8 @@ class PagedAttention(nn.Module):
             else:
                 meta.new_kv.append((k, v))
             k_cache, v_cache = meta.kv_cache[self.layer_idx]  # (Hkv, num_blocks, block_size, D)
+            if not meta.cu_seqlens_q:  # a compiled decode-only step, whose sequence count may be symbolic
+                return self._decode(q, k, v, k_cache, v_cache, meta)
         out = torch.empty_like(q)
         n = meta.num_decode_seqs if meta.kv_cache is not None else 0
         if n:
@@ -155,24 +160,35 @@ class PagedAttention(nn.Module):
 
     def _decode(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One query token per sequence, q: (n, H, D), all sequences in one padded, masked computation.
+        """One query token per sequence, q: (n, H, D), all sequences in one call.
         k_new, v_new (n, Hkv, D): the new tokens' keys and values, read from here where meta.new_kv
         defers their write to the cache.
 
-        Plain matmul-softmax-matmul in fp32, batched over (KV head, sequence): torch's fused attention
-        kernels are built for blocks of queries, and on the CPU this is faster for one query per
-        sequence (and 3-4x faster than their bf16 path). A compiled engine's steps of two tokens or
-        more run these decodes as one compiled kernel instead (compiled_decode_attention).
+        On the CPU, kernels/paged_attention.cpp's operator where it builds: it reads each sequence's
+        blocks in place, once, and compiled graphs call it without Python. Else a compiled engine's
+        steps run compiled_decode_attention, and the rest _decode_gathered.
         """
         block_tables, _, context_lens = meta.decode_layout()
+        if q.device.type == "cpu" and paged_attention.available():
+            new = (k_new, v_new) if meta.new_kv is not None else (None, None)
+            return paged_attention.decode_attention(q, k_cache, v_cache, block_tables, context_lens, *new, self.scale,
+                                                    self.sliding_window)
         if self.opaque_handle is not None and meta.new_kv is None:  # a compiled engine's step, run eagerly
             return compiled_decode_attention(q, k_cache, v_cache, block_tables, context_lens, self.scale,
                                              self.sliding_window)
+        return self._decode_gathered(q, k_new, v_new, k_cache, v_cache, meta)
+
+    def _decode_gathered(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """_decode as a plain matmul-softmax-matmul in fp32 over the gathered blocks, padded and
+        masked, batched over (KV head, sequence): torch's fused attention kernels are built for blocks
+        of queries, and on the CPU this is faster for one query per sequence (and 3-4x faster than
+        their bf16 path). The path of GPUs, and the reference of the others."""
+        block_tables, key_positions, context_lens = meta.decode_layout()
         n, Hkv, D = q.shape[0], self.num_kv_heads, self.head_dim
         k = gather_blocks(k_cache, block_tables).float()  # (Hkv, n, L, D)
         v = gather_blocks(v_cache, block_tables).float()
         if meta.new_kv is not None:  # the last position of each context is not in the cache yet
-            _, key_positions, context_lens = meta.decode_layout()
             is_new = (key_positions == context_lens - 1)[None, :, :, None]  # (1, n, L, 1)
             k = torch.where(is_new, k_new.transpose(0, 1)[:, :, None].float(), k)
             v = torch.where(is_new, v_new.transpose(0, 1)[:, :, None].float(), v)
@@ -227,9 +243,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     lists, context_lens (n, 1) long. Returns (n, H, D).
 
     Written for torch.compile: as elementwise products and sums, inductor turns it into loops over
-    each sequence's cached positions that read every key and value once, where the eager _decode
+    each sequence's cached positions that read every key and value once, where the eager gather path
     copies them out (gather, then fp32) before its matmuls. Compiled, it is 1.6-2.4x faster than
-    _decode for 4-32 sequences on 2 cores (benchmarks/results/attention_cpu.md).
+    that for 4-32 sequences on 2 cores; kernels/paged_attention.cpp's operator, where it builds,
+    is faster still (benchmarks/results/attention_cpu.md).
     """
     n, H, D = q.shape
     Hkv = k_cache.shape[0]
