@@ -57,6 +57,24 @@ def test_skipped_linear_is_rescaled_with_its_group():
     torch.testing.assert_close(k_proj.weight * norm.weight, product, rtol=1e-5, atol=1e-6)
 
 
+def test_awq_clip_off_for_one_module():
+    """awq_clip=False for one module leaves its groups' ranges unclipped; every other module's quantized
+    weight is the same as with clipping everywhere (the scale search does not depend on the clip)."""
+    models = {}
+    for clip_gate in (True, False):
+        model = outlier_llama(20.0, 4)
+        config = QuantConfig(method="awq", bits=4, group_size=32, sym=False,
+                             modules={"layers.0.mlp.gate_proj": {"awq_clip": clip_gate}})
+        models[clip_gate] = awq_quantize(model, sequences(2, 32, seed=0), config)
+    weights = {clip: {name: m.dequantize() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+               for clip, model in models.items()}
+    gate = "model.layers.0.mlp.gate_proj"
+    for name in weights[True]:
+        assert torch.equal(weights[True][name], weights[False][name]) == (name != gate), name
+    ranges = {clip: w[gate].reshape(w[gate].shape[0], -1, 32).abs().amax(-1) for clip, w in weights.items()}
+    assert (ranges[False] >= ranges[True] - 1e-6).all() and (ranges[False] > ranges[True] + 1e-3).any()
+
+
 def test_bad_input_rejected():
     with pytest.raises(ValueError, match="got 0 \\(per tensor\\)"):
         awq_quantize(outlier_llama(20.0, 4), sequences(1, 8, seed=0), QuantConfig(method="awq", group_size=0))

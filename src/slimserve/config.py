@@ -29,6 +29,7 @@ class QuantConfig:
     act_order: bool = False  # GPTQ desc_act: columns in order of decreasing Hessian diagonal
     static_groups: bool = False  # GPTQ: group scales fixed before act-order, g_idx stays trivial
     damp_percent: float = 0.01
+    awq_clip: bool = True  # AWQ: search each group's clipping range after scaling (AutoAWQ's apply_clip)
     block_size: int = 128  # GPTQ lazy-update block width (columns)
     num_calib_samples: int = 128
     calib_seq_len: int = 2048

@@ -7,7 +7,8 @@ input down by s_j, folded into the op before) shrinks their relative rounding er
 Q(W·diag(s))·(diag(s)⁻¹·X) ≈ W·X. Per layer, for each group of linears sharing an input:
 s = mean|x|^α with α on a grid in [0, 1], keeping the α whose quantized block output is closest
 to the float one (§3.2), then folding s into the previous RMSNorm or Linear. Then, per linear,
-each group's weight range is clipped to the shrink factor minimizing its output error. Layout,
+each group's weight range is clipped to the shrink factor minimizing its output error, unless
+QuantConfig.awq_clip is off (for the model or per module). Layout,
 grids and the choices below follow the reference implementation (AutoAWQ): the block inspected
 for q/k/v is the whole attention, for gate/up the whole MLP; q/k are not clipped (their errors
 pass through the q·kᵀ product); o_proj is scaled through v_proj only when their shapes match
@@ -72,9 +73,11 @@ def awq_quantize(
         chunks = embed_calibration(model, calib_batches, "AWQ")
         for index, layer in enumerate(tqdm(model.model.layers, desc="AWQ", unit="layer", disable=not progress)):
             prefix = f"model.layers.{index}."
+            kept_configs: dict[str, QuantConfig] = {}
             clip_inputs: dict[str, Tensor] = {}
             for names, inputs in layer_stages(layer, chunks):
                 configs = {name: config.for_module(prefix + name) for name in names}
+                kept_configs |= {name: c for name, c in configs.items() if c is not None}
                 kept = [(layer.get_submodule(n), c) for n, c in configs.items() if c is not None]
                 previous, block = _scaling_plan(layer, names)
                 if kept and previous is not None:
@@ -82,13 +85,15 @@ def awq_quantize(
                     fold_scales(previous, [layer.get_submodule(n) for n in names], scales)
                     for x in inputs:
                         x.div_(scales.to(x.dtype))
-                sample = _token_sample(inputs, CLIP_TOKENS)
-                clip_inputs |= {name: sample for name, c in configs.items() if c is not None}
+                clipped = [n for n, c in configs.items() if c is not None and c.awq_clip and n not in NOT_CLIPPED]
+                if clipped:
+                    sample = _token_sample(inputs, CLIP_TOKENS)
+                    clip_inputs |= {name: sample for name in clipped}
             # Clipping and quantization wait for every fold of the layer: down_proj's scales
             # change up_proj's rows after the gate/up group was searched.
-            for name, sample in clip_inputs.items():
-                linear, module_config = layer.get_submodule(name), config.for_module(prefix + name)
-                weight = linear.weight if name in NOT_CLIPPED else _clip(linear.weight, sample, module_config)
+            for name, module_config in kept_configs.items():
+                linear = layer.get_submodule(name)
+                weight = _clip(linear.weight, clip_inputs[name], module_config) if name in clip_inputs else linear.weight
                 quantized = quantize_weight(weight, module_config.bits, module_config.group_size, module_config.sym)
                 replace_module(layer, name, QuantLinear.from_linear(linear, module_config, *quantized))
         head_config = config.for_module("lm_head")
