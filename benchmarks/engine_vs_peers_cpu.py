@@ -201,9 +201,10 @@ def main() -> None:
         "32, Q4_0 x Q8_0's arithmetic (`kernels/w4a8.cpp`, at every row count); llama.cpp Q8_0 / Q4_0: blocks "
         "of 32, whose products quantize the activations to 8 bits too (the Q8_0 row serves int8 and w8a8, "
         "the Q4_0 row int4 and w4a8). "
-        "'compiled' = `compile=True`: batch-1 decode steps run as one torch.compile graph and every other "
-        "step as a second one, for any token count, which calls the linear layers and attention as opaque "
-        "operators (`models/opaque.py`), the batched decode attention a compiled kernel of its own; "
+        "'compiled' = `compile=True`: decode-only steps run as one torch.compile graph for one sequence and one "
+        "for any number, and every other step as a third, for any token count, which calls the linear layers "
+        "and attention as opaque operators (`models/opaque.py`); decode attention is "
+        "`kernels/paged_attention.cpp`'s operator in all of them; "
         "the warm-up column holds the engine's load and first runs, for compiled engines with their compile "
         "time from an empty torch.compile cache (a first start; later starts reuse the on-disk cache), "
         "excluded from the other columns.",
