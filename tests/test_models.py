@@ -136,6 +136,19 @@ def test_compiled_decode_attention_matches_the_eager_one(sliding_window):
     assert graphs[1] == graphs[0]
 
 
+def test_fp16_decode_takes_the_torch_path():
+    """The operator reads fp32 and bf16 only: engines of dtype fp16 decode through _decode_gathered."""
+    torch.manual_seed(0)
+    attention = PagedAttention(0, 4, 2, 16)
+    k_cache, v_cache = torch.randn(2, 2, 6, 4, 16, dtype=torch.float16)
+    meta = AttentionMetadata([0, 1, 2], [5, 3], block_tables=torch.tensor([[1, 4], [2, -1]]),
+                             kv_cache=torch.stack([k_cache, v_cache])[None], num_decode_seqs=2)
+    q = torch.randn(2, 4, 16, dtype=torch.float16)
+    out = attention._decode(q, None, None, k_cache, v_cache, meta)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, attention._decode_gathered(q, None, None, k_cache, v_cache, meta))
+
+
 def test_sharded_checkpoint_loads(pair, tmp_path):
     hf, ours, _ = pair
     hf.save_pretrained(tmp_path, max_shard_size="20KB")

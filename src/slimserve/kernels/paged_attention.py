@@ -22,9 +22,17 @@ _library.define("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tens
 torch.library.register_fake("slimserve::decode_attention", lambda q, *args: q.new_empty(q.shape), lib=_library)
 
 
+DTYPES = (torch.float32, torch.bfloat16)  # of q and the cache: what the operator reads
+
+
 @torch.compiler.assume_constant_result  # traced calls take it as a constant, read once
 def available() -> bool:
     return native.load_operators("paged_attention.cpp", (), frozenset())
+
+
+def serves(q: Tensor, cache: Tensor) -> bool:
+    """True where decode_attention can run: CPU tensors of its dtypes, and the operator built here."""
+    return q.device.type == "cpu" and q.dtype in DTYPES and cache.dtype in DTYPES and available()
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,

@@ -164,12 +164,12 @@ class PagedAttention(nn.Module):
         k_new, v_new (n, Hkv, D): the new tokens' keys and values, read from here where meta.new_kv
         defers their write to the cache.
 
-        On the CPU, kernels/paged_attention.cpp's operator where it builds: it reads each sequence's
-        blocks in place, once, and compiled graphs call it without Python. Else a compiled engine's
-        steps run compiled_decode_attention, and the rest _decode_gathered.
+        On the CPU, in fp32 or bf16, kernels/paged_attention.cpp's operator where it builds: it reads
+        each sequence's blocks in place, once, and compiled graphs call it without Python. Else a
+        compiled engine's steps run compiled_decode_attention, and the rest _decode_gathered.
         """
         block_tables, _, context_lens = meta.decode_layout()
-        if q.device.type == "cpu" and paged_attention.available():
+        if paged_attention.serves(q, k_cache):
             new = (k_new, v_new) if meta.new_kv is not None else (None, None)
             return paged_attention.decode_attention(q, k_cache, v_cache, block_tables, context_lens, *new, self.scale,
                                                     self.sliding_window)
