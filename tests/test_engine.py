@@ -183,7 +183,7 @@ def test_compiled_decode_matches_transformers(tiny, decode_operator):
     assert step_sizes == [2] and decode_sizes == [1] * 29  # the prompt's step, then every other
     decode_sizes.clear()
     check_greedy_parity(engine, hf, random_prompts(16, 3, 60), num_tokens=10)
-    assert len(set(step_sizes)) >= 3 and len(set(decode_sizes)) > 3, (step_sizes, decode_sizes)  # one graph each:
+    assert len(set(step_sizes)) >= 3 and len(set(decode_sizes)) > 3  # many sizes, one graph for each kind:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # warm_up compiled them all
     assert engine.stats().kv_cache_usage == 0
 

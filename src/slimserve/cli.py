@@ -115,8 +115,8 @@ def quantize(
         act_bits = 8  # smoothing moves outliers from activations into weights for int8 activations
     try:
         config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                             awq_clip=awq_clip,
-                             act_bits=act_bits, num_calib_samples=num_calib_samples, calib_seq_len=calib_seq_len)
+                             awq_clip=awq_clip, act_bits=act_bits, num_calib_samples=num_calib_samples,
+                             calib_seq_len=calib_seq_len)
         result = run_quantize(model, config, out, calib_dataset=calib, format=format)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))

@@ -8,11 +8,11 @@ Q(W·diag(s))·(diag(s)⁻¹·X) ≈ W·X. Per layer, for each group of linears 
 s = mean|x|^α with α on a grid in [0, 1], keeping the α whose quantized block output is closest
 to the float one (§3.2), then folding s into the previous RMSNorm or Linear. Then, per linear,
 each group's weight range is clipped to the shrink factor minimizing its output error, unless
-QuantConfig.awq_clip is off (for the model or per module). Layout,
-grids and the choices below follow the reference implementation (AutoAWQ): the block inspected
-for q/k/v is the whole attention, for gate/up the whole MLP; q/k are not clipped (their errors
-pass through the q·kᵀ product); o_proj is scaled through v_proj only when their shapes match
-(no grouped-query attention); the next layer sees the float (scaled) layer's output.
+QuantConfig.awq_clip is off (for the model or per module). Layout, grids and the choices below
+follow the reference implementation (AutoAWQ): the block inspected for q/k/v is the whole
+attention, for gate/up the whole MLP; q/k are not clipped (their errors pass through the q·kᵀ
+product); o_proj is scaled through v_proj only when their shapes match (no grouped-query
+attention); the next layer sees the float (scaled) layer's output.
 """
 
 import math
