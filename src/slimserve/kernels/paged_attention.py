@@ -40,7 +40,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
                      sliding_window: int | None = None) -> Tensor:
     """softmax(q kᵀ · scale) v of one query token per sequence, in fp32, returned in q's dtype.
 
-    q (n, H, D) fp32 or bf16; k_cache, v_cache (Hkv, num_blocks, block_size, D) fp32 or bf16;
+    q (n, H, D) fp32 or bf16, each sequence's (H, D) contiguous (sequences may lie any stride apart,
+    as views of the fused q/k/v projection do; so may k_new's and v_new's); k_cache, v_cache
+    (Hkv, num_blocks, block_size, D) fp32 or bf16;
     block_tables (n, max_blocks) int64, -1 past a context; context_lens (n,) or (n, 1) int64.
     Sequence i attends positions [0, context_lens[i]), the last sliding_window of them if given;
     k_new, v_new (n, Hkv, D): the new token's key and value, read for position context_lens[i] - 1
