@@ -31,14 +31,9 @@ using torch::stable::Tensor;
 
 constexpr int ACC = 4;  // accumulators per dot product
 
-// 16 weights at p (`valid` lanes of them, the rest 0) widened to fp32.
-inline __m512 widen(const float* p, __mmask16 valid) { return _mm512_maskz_loadu_ps(valid, p); }
+using slimserve::widen;  // fp32 and bf16 weights
 
-inline __m512 widen(const uint16_t* p, __mmask16 valid) {  // bf16: its bits are fp32's upper half
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
-}
-
-inline __m512 widen(const int8_t* p, __mmask16 valid) {
+inline __m512 widen(const int8_t* p, __mmask16 valid) {  // 16 int8 weights widened to fp32
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(valid, p)));
 }
 
@@ -66,7 +61,7 @@ float dot(const float* x, const W* w, int64_t K) {
     for (int i = 0; i < ACC; ++i)
       acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16 * i), widen(w + k + 16 * i, all), acc[i]);
   for (int i = 0; k < K; k += 16, ++i) {
-    const __mmask16 valid = K - k >= 16 ? all : (__mmask16)((1u << (K - k)) - 1);
+    const __mmask16 valid = slimserve::lanes(K - k);
     acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, x + k), widen(w + k, valid), acc[i]);
   }
   for (int i = 1; i < ACC; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);

@@ -32,14 +32,8 @@ using torch::stable::Tensor;
 constexpr int64_t AHEAD = 16;  // rows prefetched ahead of the one read (12 to 32 ran alike, 64 slower)
 constexpr int64_t TILE = 128;  // positions whose values stay in L1 while each 32-value slice of them is added
 
-inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1); }
-
-// 16 values at p (`valid` lanes of them, the rest 0) widened to fp32.
-inline __m512 widen(const float* p, __mmask16 valid) { return _mm512_maskz_loadu_ps(valid, p); }
-
-inline __m512 widen(const uint16_t* p, __mmask16 valid) {  // bf16: its bits are fp32's upper half
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
-}
+using slimserve::lanes;
+using slimserve::widen;
 
 inline void store(float* p, __m512 v, __mmask16 valid) { _mm512_mask_storeu_ps(p, valid, v); }
 inline void store(uint16_t* p, __m512 v, __mmask16 valid) { _mm256_mask_storeu_epi16(p, valid, slimserve::to_bf16(v)); }

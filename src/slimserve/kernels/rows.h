@@ -29,6 +29,16 @@ inline __m256i to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
 
+// The first `left` of 16 lanes (all 16 from 16 on, none at 0 or below).
+inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1); }
+
+// 16 values at p (`valid` lanes of them, the rest 0) widened to fp32.
+inline __m512 widen(const float* p, __mmask16 valid) { return _mm512_maskz_loadu_ps(valid, p); }
+
+inline __m512 widen(const uint16_t* p, __mmask16 valid) {  // bf16: its bits are fp32's upper half
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
+}
+
 // f(std::integral_constant<int, rows>) for 1 <= rows <= Max: a kernel's row count as a template
 // argument, so its accumulators are an array of known size the compiler keeps in registers.
 template <int Max, class F>
