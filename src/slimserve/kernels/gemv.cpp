@@ -10,6 +10,8 @@
 // keeps the hardware prefetcher on one long stream. Blocks of 8 rows read side by side, each row a
 // stream of its own, read SmolLM2-135M's bf16 layers from DRAM at a third of that speed (rows of 576
 // values: each stream ends before the prefetcher has learnt it), though as fast from cache.
+// Software prefetch runs PREFETCH_BYTES ahead of the row read: SmolLM2-135M's 121 bf16 layers, one
+// row, 2 threads, took 6.1-6.3 ms with it against 7.1-7.4 without (same minutes, alternating runs).
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -30,6 +32,7 @@ using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
 constexpr int ACC = 4;  // accumulators per dot product
+constexpr int64_t PREFETCH_BYTES = 4096;  // 1024 ran 5 % slower, 8192 and 16384 alike
 
 using slimserve::widen;  // fp32 and bf16 weights
 
@@ -73,14 +76,20 @@ float dot(const float* x, const W* w, int64_t K) {
 template <class X, class W>
 void product(const float* xf, const W* w, PerRow scale, PerRow bias, X* y, int64_t M, int64_t N, int64_t K,
              int threads) {
+  const int64_t row_bytes = K * (int64_t)sizeof(W);
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t n = 0; n < N; ++n)
+  for (int64_t n = 0; n < N; ++n) {
+    const char* ahead = (const char*)(w + n * K) + PREFETCH_BYTES;
+    // Non-temporal: the weight is read once a step; cache stays with activations and the KV cache.
+    for (int64_t byte = 0; byte < row_bytes; byte += 64)
+      _mm_prefetch(ahead + byte, _MM_HINT_NTA);  // a hint: past the end is harmless
     for (int64_t m = 0; m < M; ++m) {
       float v = dot(xf + m * K, w + n * K, K);
       if (scale.p) v *= scale[n];
       if (bias.p) v += bias[n];
       store(y + m * N + n, v);
     }
+  }
 }
 
 template <class X, class W>
