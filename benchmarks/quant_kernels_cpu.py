@@ -8,8 +8,9 @@ in a decode step. Time of one pass over all 121 layers at each row count, best o
 - W8A8 (uint8 activations, the integer product only): oneDNN's prepacked u8 x s8 GEMM and
   kernels/w8a8.cpp;
 - 4-bit weights in groups of 32 (bf16 activations): an INT4_CPU QuantLinear (torch's
-  `_weight_int4pack_mm_for_cpu` up to 48 rows, the weight dequantized + bf16 GEMM above) and a
-  W4A8_CPU one (kernels/w4a8.cpp, activations quantized to int8 per group in the same call).
+  `_weight_int4pack_mm_for_cpu` up to 48 rows, the weight dequantized + bf16 GEMM above; what
+  4-bit layers run where kernels/w4a16.cpp cannot be built), a W4A16_CPU one (kernels/w4a16.cpp) and
+  a W4A8_CPU one (kernels/w4a8.cpp, activations quantized to int8 per group in the same call).
 One row, as the batch-1 decode graph runs it: kernels/gemv.cpp on the plain bf16 and int8 weights
 against the torch expression it replaced there (kernels.gemv.gemv_reference, all 121 layers compiled
 into one torch.compile graph), with the weight bytes each reads per second.
@@ -20,14 +21,16 @@ Writes benchmarks/results/quant_kernels_cpu.md.
 
 import argparse
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 from slimserve.config import QuantConfig
 from slimserve.eval.machine import machine_info
-from slimserve.kernels import gemv, w4a8, w8a8, w8a16
+from slimserve.kernels import gemv, w4a8, w4a16, w8a8, w8a16
 from slimserve.quant.qlinear import PACKED_CPU_MAX_ROWS, Kernel, QuantLinear
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]  # (out, in)
@@ -45,7 +48,9 @@ def best_ms(fn, repeats: int = 3) -> float:
 
 
 def int4_layer(linear: torch.nn.Linear, act_bits: int | None, kernel: Kernel) -> QuantLinear:
-    layer = QuantLinear.from_linear(linear, QuantConfig(bits=4, group_size=32, act_bits=act_bits))
+    # INT4_CPU: as where w4a16.cpp cannot be built
+    with mock.patch.object(w4a16, "packable", return_value=False) if kernel is Kernel.INT4_CPU else nullcontext():
+        layer = QuantLinear.from_linear(linear, QuantConfig(bits=4, group_size=32, act_bits=act_bits))
     assert layer.kernel is kernel, f"{kernel} does not run here"
     return layer
 
@@ -61,6 +66,7 @@ def layer(out_features: int, in_features: int) -> dict:
         "onednn": (torch.ops.onednn.qlinear_prepack(weight, None), scales.float(), torch.zeros(1, dtype=torch.long)),
         "vnni": (*w8a8.pack(weight), scales.float()),
         "int4": int4_layer(linear, None, Kernel.INT4_CPU),
+        "w4a16": int4_layer(linear, None, Kernel.W4A16_CPU),
         "w4a8": int4_layer(linear, 8, Kernel.W4A8_CPU),
     }
 
@@ -74,7 +80,8 @@ KERNELS = {
         x_u8, 1.0, 128, *l["onednn"], None, 1.0, 0, torch.float32, "none", [], ""),
     "W8A8 w8a8.cpp": lambda x, x_u8, l: w8a8.w8a8_matmul(x_u8, *l["vnni"]),
     "W4 g32 int4pack_mm (torch) / dequantize + GEMM": lambda x, x_u8, l: int4_product(x, l["int4"]),
-    "W4A8 g32 w4a8.cpp": lambda x, x_u8, l: w4a8.w4a8_linear(x, *l["w4a8"].w4a8),
+    "W4 g32 w4a16.cpp": lambda x, x_u8, l: w4a16.w4a16_linear(x, *l["w4a16"].nibbles),
+    "W4A8 g32 w4a8.cpp": lambda x, x_u8, l: w4a8.w4a8_linear(x, *l["w4a8"].nibbles),
 }
 
 
@@ -111,7 +118,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quant_kernels_cpu.md")
     args = parser.parse_args()
-    if not (w8a16.available() and w8a8.available() and w4a8.available() and gemv.available()):
+    if not all(kernel.available() for kernel in (w8a16, w8a8, w4a8, w4a16, gemv)):
         raise SystemExit("the C++ kernels do not build here (AVX512-BF16/VNNI, a C++ compiler, torch 2.13+ needed)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

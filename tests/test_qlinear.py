@@ -20,8 +20,17 @@ TOLERANCES = {
 }
 INT4_CPU = Kernel.INT4_CPU if int4_cpu_layout_known() else Kernel.REF
 
-# (bits, group_size, sym, act_bits) -> the kernel the CPU must pick for bf16 activations; the
-# packed int8/int4 kernels are scalar for fp32, so fp32 layers take REF (W8A8 is dtype-agnostic).
+
+@pytest.fixture
+def torch_int4(monkeypatch):
+    """4-bit layers take torch's int4 kernel (INT4_CPU), as where kernels/w4a16.cpp cannot be built;
+    tests/test_w4a16.py tests the layers that take it."""
+    monkeypatch.setattr(qlinear.w4a16, "packable", lambda *args: False)
+
+
+# (bits, group_size, sym, act_bits) -> the kernel the CPU must pick for bf16 activations without
+# w4a16.cpp (torch_int4); the packed int8/int4 kernels are scalar for fp32, so fp32 layers take REF
+# (W8A8 is dtype-agnostic).
 SCHEMES = {
     (8, -1, True, None): Kernel.INT8_CPU,
     (8, 0, True, None): Kernel.INT8_CPU,
@@ -48,7 +57,7 @@ def inputs(shape, dtype, seed=1) -> torch.Tensor:
 @pytest.mark.parametrize("batch", [1, 3, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scheme", [s for s in SCHEMES if s[3] is None])
-def test_kernel_matches_dequantize_then_linear(scheme, dtype, batch):
+def test_kernel_matches_dequantize_then_linear(scheme, dtype, batch, torch_int4):
     bits, group_size, sym, _ = scheme
     layer = linear(dtype=dtype)
     module = QuantLinear.from_linear(layer, QuantConfig(bits=bits, group_size=group_size, sym=sym))
@@ -58,7 +67,7 @@ def test_kernel_matches_dequantize_then_linear(scheme, dtype, batch):
     torch.testing.assert_close(module(x), reference, **TOLERANCES[dtype])
 
 
-def test_int4_per_channel_on_576_columns_uses_64_column_kernel_groups():
+def test_int4_per_channel_on_576_columns_uses_64_column_kernel_groups(torch_int4):
     layer = linear(in_features=576, dtype=torch.bfloat16)  # SmolLM2's hidden size: 9 x 64
     module = QuantLinear.from_linear(layer, QuantConfig(bits=4, group_size=-1, sym=False))
     assert module.kernel is INT4_CPU and module.scales_and_zeros.shape == (9, 192, 2)
@@ -148,7 +157,7 @@ def test_w8a8_matches_per_token_int8_reference(dtype, batch):
     "bits, group_size, sym, out_features",
     [(8, -1, True, 192), (4, 64, False, 192), (4, -1, True, 80)],  # 80 rows: a 64-row block and a tail
 )
-def test_packed_kernel_and_dequantized_gemm_both_match_reference(bits, group_size, sym, out_features):
+def test_packed_kernel_and_dequantized_gemm_both_match_reference(bits, group_size, sym, out_features, torch_int4):
     layer = linear(out_features=out_features, dtype=torch.bfloat16)
     module = QuantLinear.from_linear(layer, QuantConfig(bits=bits, group_size=group_size, sym=sym))
     if module.kernel not in PACKED_CPU_MAX_ROWS:
@@ -163,7 +172,7 @@ def test_packed_kernel_and_dequantized_gemm_both_match_reference(bits, group_siz
 
 
 @pytest.mark.skipif(not int4_cpu_layout_known(), reason="int4 CPU layout known only on AVX2/AVX512")
-def test_dequantized_gemm_keeps_act_order():
+def test_dequantized_gemm_keeps_act_order(torch_int4):
     layer = linear(in_features=256, out_features=64, bias=False, dtype=torch.bfloat16)
     q, scales, zeros = quantize_weight(layer.weight.detach(), 4, 32, sym=False)
     g_idx = torch.randperm(256, generator=torch.Generator().manual_seed(0)) // 32
@@ -265,7 +274,7 @@ def test_concat_rejects_mismatched_layers():
         (3, 64, 576 * 1536 * 3 // 8 + 576 * 24 * (2 + 1)),  # packed bits + bf16 scales + uint8 zeros
     ],
 )
-def test_buffer_bytes_shrink(bits, group_size, expected_bytes):
+def test_buffer_bytes_shrink(bits, group_size, expected_bytes, torch_int4):
     layer = nn.Linear(1536, 576, bias=False, dtype=torch.bfloat16)  # SmolLM2's down_proj
     module = QuantLinear.from_linear(layer, QuantConfig(bits=bits, group_size=group_size, sym=True))
     num_bytes = sum(b.numel() * b.element_size() for b in module.buffers())
@@ -299,7 +308,7 @@ def test_load_state_dict_reports_missing_and_unexpected():
                                 "scales": torch.ones(32, 2), "weight": torch.zeros(1)})
 
 
-def test_act_order_g_idx_regroups_columns_consistently():
+def test_act_order_g_idx_regroups_columns_consistently(torch_int4):
     layer = linear(in_features=256, out_features=64, dtype=torch.bfloat16)
     q, scales, zeros = quantize_weight(layer.weight.detach(), 4, 32, sym=False)
     scales = scales.to(torch.bfloat16)

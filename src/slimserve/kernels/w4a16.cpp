@@ -1,0 +1,165 @@
+// W4A16 with AVX512-BF16: bf16 activations times a 4-bit weight in w4a8.cpp's order (w4a8.py's
+// `pack`), summed in fp32; built and registered by w4a16.py as the torch operator
+// slimserve::w4a16_linear, so compiled graphs call it without Python.
+//
+// y (M, N) bf16 = sum over groups g of scale_g * (x_g . (q_g - zero_g)), computed as
+//   scale_g * (x_g . (q_g + 128) - (zero_g + 128) * sum(x_g)):
+// a nibble q or'ed into the bf16 bits 0x4300 is the bf16 number 128 + q (exact), so one byte
+// shuffle and one ternary logic op turn 16 rows x 2 nibbles into a vdpbf16ps operand whose pairs
+// meet two adjacent activations (broadcast). The products are exact in fp32; the group sums of x
+// are taken once per call. Each thread takes R adjacent blocks of 16 rows and runs every activation
+// row over them, MAX_CHUNK rows per pass, as w4a8.cpp does.
+
+#include <immintrin.h>
+#include <stdint.h>
+
+#include <vector>
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include "rows.h"
+
+namespace {
+
+using torch::stable::Tensor;
+
+constexpr int64_t PREFETCH_BYTES = 512;  // per weight stream
+constexpr int MAX_CHUNK = 4;
+constexpr int R = 2;  // 3 ran alike (5 % slower at 1 row, 3 % faster at 8)
+
+struct Args {
+  const uint16_t* x;     // (M, K) bf16
+  const float* x_sum;    // (M, G)
+  const uint8_t* w;
+  const uint16_t* scale;
+  const uint8_t* zero;
+  uint16_t* y;
+  int64_t M, N, K, G;
+};
+
+inline __m512 bf16x16_to_float(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+inline __m512bh broadcast_pair(const uint16_t* p) {  // x[k], x[k + 1] in every 32-bit lane
+  int32_t two;
+  __builtin_memcpy(&two, p, 4);
+  return (__m512bh)_mm512_set1_epi32(two);
+}
+
+// Bytes 4d + i and 4d + j of each 32-bit lane d to its bytes 0 and 2 (each 128-bit lane alike).
+inline __m512i pair_control(int i, int j) {
+  alignas(64) int8_t c[64];
+  for (int at = 0; at < 64; at += 4) {
+    int d = at % 16;
+    c[at] = (int8_t)(d + i), c[at + 1] = -128, c[at + 2] = (int8_t)(d + j), c[at + 3] = -128;
+  }
+  return _mm512_load_si512(c);
+}
+
+// Rows [m0, m0 + M) of y for blocks [b0, b0 + B).
+template <int M, int B>
+void block(const Args& a, int64_t m0, int64_t b0) {
+  __m512 y[M][B];
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < B; ++b) y[m][b] = _mm512_setzero_ps();
+  const int64_t octets = a.K / 8, per_group = octets / a.G;
+  const __m512i low_nibbles = _mm512_set1_epi32(0x000F000F), bf16_128 = _mm512_set1_epi32(0x43004300);
+  const __m512i first = pair_control(0, 1), second = pair_control(2, 3);
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m512 acc[M][B];
+    for (int m = 0; m < M; ++m)
+      for (int b = 0; b < B; ++b) acc[m][b] = _mm512_setzero_ps();
+    for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j) {
+      __m512bh w[B][4];  // inputs 8j + (0, 1), (2, 3), (4, 5), (6, 7) of the block's 16 rows, as 128 + q
+#pragma GCC unroll 4
+      for (int b = 0; b < B; ++b) {
+        const uint8_t* p = a.w + ((b0 + b) * octets + j) * 64;
+        _mm_prefetch((const char*)(p + PREFETCH_BYTES), _MM_HINT_T0);  // a hint: past the end is harmless
+        const __m512i lo = _mm512_loadu_si512(p), hi = _mm512_srli_epi16(lo, 4);
+        w[b][0] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_shuffle_epi8(lo, first), low_nibbles, bf16_128, 0xEA);
+        w[b][1] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_shuffle_epi8(lo, second), low_nibbles, bf16_128, 0xEA);
+        w[b][2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_shuffle_epi8(hi, first), low_nibbles, bf16_128, 0xEA);
+        w[b][3] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_shuffle_epi8(hi, second), low_nibbles, bf16_128, 0xEA);
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        const uint16_t* x = a.x + (m0 + m) * a.K + 8 * j;
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          const __m512bh xv = broadcast_pair(x + 2 * i);
+#pragma GCC unroll 4
+          for (int b = 0; b < B; ++b) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], w[b][i], xv);
+        }
+      }
+    }
+    for (int b = 0; b < B; ++b) {
+      const int64_t at = ((b0 + b) * a.G + g) * 16;
+      const __m512 scale = bf16x16_to_float(a.scale + at);
+      const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.zero + at))));
+      const __m512 offset = _mm512_mul_ps(scale, _mm512_add_ps(zero, _mm512_set1_ps(128.0f)));
+      for (int m = 0; m < M; ++m) {
+        y[m][b] = _mm512_fmadd_ps(acc[m][b], scale, y[m][b]);
+        y[m][b] = _mm512_fnmadd_ps(offset, _mm512_set1_ps(a.x_sum[(m0 + m) * a.G + g]), y[m][b]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < B; ++b)
+      _mm256_storeu_si256((__m256i*)(a.y + (m0 + m) * a.N + (b0 + b) * 16), slimserve::to_bf16(y[m][b]));
+}
+
+template <int B>
+void task(const Args& a, int64_t b0) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += MAX_CHUNK)
+    slimserve::with_rows<MAX_CHUNK>(a.M - m0, [&](auto m) { block<decltype(m)::value, B>(a, m0, b0); });
+}
+
+void product(const Args& a, int threads) {
+  int64_t blocks = a.N / 16, tasks = blocks / R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < tasks; ++i) task<R>(a, i * R);
+  if (blocks > tasks * R)  // the last block
+    slimserve::with_rows<R - 1>(blocks - tasks * R, [&](auto b) { task<decltype(b)::value>(a, tasks * R); });
+}
+
+// x (M, K) bf16, w (N / 16, K / 8, 16, 4) uint8, scale (N / 16, G, 16) bf16, zero likewise uint8.
+Tensor w4a16_linear(Tensor x, Tensor w, Tensor scale, Tensor zero) {
+  using torch::headeronly::ScalarType;
+  STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == ScalarType::BFloat16 && x.is_contiguous(),
+                  "w4a16_linear needs contiguous 2-D bf16 activations");
+  STD_TORCH_CHECK(w.dim() == 4 && w.size(2) == 16 && w.size(3) == 4 && w.scalar_type() == ScalarType::Byte &&
+                  w.is_contiguous(), "w4a16_linear needs w4a8.pack's weight");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 16;
+  STD_TORCH_CHECK(w.size(1) * 8 == K, "w4a16_linear: the activations have ", K, " columns, the weight ",
+                  w.size(1) * 8);
+  STD_TORCH_CHECK(scale.dim() == 3 && scale.size(0) == w.size(0) && scale.size(2) == 16 &&
+                  scale.scalar_type() == ScalarType::BFloat16 && scale.is_contiguous(),
+                  "w4a16_linear needs bf16 scales (N / 16, groups, 16)");
+  const int64_t G = scale.size(1);
+  STD_TORCH_CHECK(G > 0 && K % (8 * G) == 0, "w4a16_linear: groups of K / ", G, " columns must be a multiple of 8");
+  STD_TORCH_CHECK(zero.sizes().equals(scale.sizes()) && zero.scalar_type() == ScalarType::Byte &&
+                  zero.is_contiguous(), "w4a16_linear needs uint8 zeros shaped as the scales");
+  Tensor y = torch::stable::new_empty(x, {M, N});
+  if (M == 0) return y;
+  const int threads = torch::stable::get_num_threads();
+  const uint16_t* xp = (const uint16_t*)x.data_ptr();
+  const int64_t size = K / G;
+  std::vector<float> x_sum(M * G);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float sum = 0;
+      for (int64_t k = 0; k < size; ++k) sum += slimserve::bf16_to_float(xp[m * K + g * size + k]);
+      x_sum[m * G + g] = sum;
+    }
+  product(Args{xp, x_sum.data(), (const uint8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(),
+               (const uint8_t*)zero.data_ptr(), (uint16_t*)y.data_ptr(), M, N, K, G},
+          threads);
+  return y;
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(slimserve, CPU, m) { m.impl("w4a16_linear", TORCH_BOX(&w4a16_linear)); }
