@@ -2,9 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._inductor.utils import run_and_get_code
 
 from slimserve.config import QuantConfig
 from slimserve.eval.evaluate import module_bytes
+from slimserve.kernels import w4a8, w4a16
 from slimserve.kernels.gemv import gemv
 from slimserve.models import opaque
 from slimserve.quant import qlinear
@@ -119,6 +121,30 @@ def test_compiled_rows_match_eager(scheme):
     # the hook runs once for the compiled call, once more inside it where the layer runs as itself
     assert len(calls) == (3 if layer.kernel in qlinear.OPAQUE_KERNELS else 2)
 
+
+
+@pytest.mark.parametrize("cpp_wrapper", [False, True])
+@pytest.mark.parametrize("act_bits,kernel,operator", [(8, Kernel.W4A8_CPU, w4a8), (None, Kernel.W4A16_CPU, w4a16)])
+def test_4bit_operators_are_called_from_compiled_graphs(act_bits, kernel, operator, cpp_wrapper):
+    """kernels/w4a8.cpp's and w4a16.cpp's operators are traced into compiled graphs (a dynamic row
+    count reuses one graph); with a C++ wrapper, the graph calls them through the dispatcher without Python."""
+    if not operator.available():
+        pytest.skip(f"{operator.__name__} does not build here")
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(128, 48).to(torch.bfloat16),
+                                    QuantConfig(bits=4, group_size=32, act_bits=act_bits))
+    assert layer.kernel is kernel
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, options={"cpp_wrapper": cpp_wrapper})
+    with torch.no_grad():
+        x = torch.randn(6, 128).to(torch.bfloat16)
+        out, code = run_and_get_code(compiled, x)
+        assert torch.equal(out, layer(x))
+        x = torch.randn(9, 128).to(torch.bfloat16)
+        assert torch.equal(compiled(x), layer(x))
+    name = operator.__name__.rsplit(".", 1)[1] + "_linear"
+    assert name in "".join(code)
+    if cpp_wrapper:
+        assert f'aoti_torch_call_dispatcher("slimserve::{name}"' in "".join(code)
 
 def test_dequantized_weight_is_rtn_result():
     layer = linear()

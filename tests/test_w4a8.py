@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch._inductor.utils import run_and_get_code
 
 from slimserve.config import QuantConfig
 from slimserve.kernels import w4a8
@@ -108,24 +107,6 @@ def test_save_and_load_give_identical_outputs():
     loaded.load_state_dict(layer.state_dict())
     x = torch.randn(5, 128).to(torch.bfloat16)
     assert loaded.kernel is Kernel.W4A8_CPU and torch.equal(loaded(x), layer(x))
-
-
-@needs_kernel
-@pytest.mark.parametrize("cpp_wrapper", [False, True])
-def test_compiled_graphs_call_the_operator(cpp_wrapper):
-    """The operator is traced into compiled graphs (a dynamic row count reuses one graph); with a
-    C++ wrapper, the graph calls it through the dispatcher without Python."""
-    layer, _ = layer_pair()
-    compiled = torch.compile(layer, fullgraph=True, dynamic=True, options={"cpp_wrapper": cpp_wrapper})
-    with torch.no_grad():
-        x = torch.randn(6, 128).to(torch.bfloat16)
-        out, code = run_and_get_code(compiled, x)
-        assert torch.equal(out, layer(x))
-        x = torch.randn(9, 128).to(torch.bfloat16)
-        assert torch.equal(compiled(x), layer(x))
-    assert "w4a8_linear" in "".join(code)
-    if cpp_wrapper:
-        assert 'aoti_torch_call_dispatcher("slimserve::w4a8_linear"' in "".join(code)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")

@@ -22,6 +22,7 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
+#include "nibbles.h"
 #include "rows.h"
 
 namespace {
@@ -45,11 +46,6 @@ struct Args {
   uint16_t* y;
   int64_t M, N, K, G;
 };
-
-// 16 bf16 -> 16 fp32 (exact).
-inline __m512 bf16x16_to_float(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
 
 inline __m512i broadcast4(const int8_t* p) {
   int32_t four;
@@ -91,7 +87,7 @@ void block(const Args& a, int64_t m0, int64_t b0) {
     for (int b = 0; b < B; ++b) {
       int64_t at = ((b0 + b) * a.G + g) * 16;
       __m512i zero = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.zero + at)));
-      __m512 scale = bf16x16_to_float(a.scale + at);
+      __m512 scale = slimserve::widen(a.scale + at, 0xFFFF);
       for (int m = 0; m < M; ++m) {
         int64_t mg = (m0 + m) * a.G + g;
         __m512i dot = _mm512_sub_epi32(acc[m][b], _mm512_mullo_epi32(zero, _mm512_set1_epi32(a.x_sum[mg])));
@@ -123,12 +119,13 @@ void product(const Args& a, int threads) {
 // One row's group of `size` (a multiple of 16) bf16 activations -> int8, its scale and its sum.
 void quantize_group(const uint16_t* x, int64_t size, int8_t* q, float* scale, int32_t* sum) {
   __m512 amax = _mm512_setzero_ps();
-  for (int64_t k = 0; k < size; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(bf16x16_to_float(x + k)));
+  for (int64_t k = 0; k < size; k += 16)
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(slimserve::widen(x + k, 0xFFFF)));
   float s = fmaxf(_mm512_reduce_max_ps(amax), 1e-12f) / 127.0f;
   const __m512 sv = _mm512_set1_ps(s);
   __m512i total = _mm512_setzero_si512();
   for (int64_t k = 0; k < size; k += 16) {
-    __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(bf16x16_to_float(x + k), sv));  // half to even
+    __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(slimserve::widen(x + k, 0xFFFF), sv));  // half to even
     v = _mm512_min_epi32(_mm512_max_epi32(v, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
     total = _mm512_add_epi32(total, v);
     _mm_storeu_si128((__m128i*)(q + k), _mm512_cvtepi32_epi8(v));
@@ -139,21 +136,8 @@ void quantize_group(const uint16_t* x, int64_t size, int8_t* q, float* scale, in
 
 // x (M, K) bf16, w (N / 16, K / 8, 16, 4) uint8, scale (N / 16, G, 16) bf16, zero likewise uint8.
 Tensor w4a8_linear(Tensor x, Tensor w, Tensor scale, Tensor zero) {
-  using torch::headeronly::ScalarType;
-  STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == ScalarType::BFloat16 && x.is_contiguous(),
-                  "w4a8_linear needs contiguous 2-D bf16 activations");
-  STD_TORCH_CHECK(w.dim() == 4 && w.size(2) == 16 && w.size(3) == 4 && w.scalar_type() == ScalarType::Byte &&
-                  w.is_contiguous(), "w4a8_linear needs w4a8.pack's weight");
+  const int64_t G = slimserve::check_nibble_operands("w4a8_linear", x, w, scale, zero, 16);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 16;
-  STD_TORCH_CHECK(w.size(1) * 8 == K, "w4a8_linear: the activations have ", K, " columns, the weight ",
-                  w.size(1) * 8);
-  STD_TORCH_CHECK(scale.dim() == 3 && scale.size(0) == w.size(0) && scale.size(2) == 16 &&
-                  scale.scalar_type() == ScalarType::BFloat16 && scale.is_contiguous(),
-                  "w4a8_linear needs bf16 scales (N / 16, groups, 16)");
-  const int64_t G = scale.size(1);
-  STD_TORCH_CHECK(G > 0 && K % (16 * G) == 0, "w4a8_linear: groups of K / ", G, " columns must be a multiple of 16");
-  STD_TORCH_CHECK(zero.sizes().equals(scale.sizes()) && zero.scalar_type() == ScalarType::Byte &&
-                  zero.is_contiguous(), "w4a8_linear needs uint8 zeros shaped as the scales");
   Tensor y = torch::stable::new_empty(x, {M, N});
   if (M == 0) return y;
   const int threads = torch::stable::get_num_threads();

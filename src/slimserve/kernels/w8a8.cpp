@@ -91,24 +91,17 @@ void product(const Args& a, int threads) {
     slimserve::with_rows<R - 1>(blocks - tasks * R, [&](auto b) { task<decltype(b)::value>(a, tasks * R); });
 }
 
-// The lanes of columns [k, k + 16) that lie below K.
-inline __mmask16 columns(int64_t k, int64_t K) { return K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1); }
-
-// 16 bf16 -> 16 fp32 (exact), zeros in the lanes outside mask.
-inline __m512 load_bf16(const uint16_t* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
-
 // One bf16 row -> uint8 activations + 128 and its scale, as QuantLinear._w8a8 computes them.
 void quantize_row(const uint16_t* x, int64_t K, uint8_t* q, float* scale) {
   __m512 amax = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load_bf16(x + k, columns(k, K))));
+  for (int64_t k = 0; k < K; k += 16)
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(slimserve::widen(x + k, slimserve::lanes(K - k))));
   float s = fmaxf(_mm512_reduce_max_ps(amax), 1e-12f) / 127.0f;
   *scale = s;
   const __m512 sv = _mm512_set1_ps(s);
   for (int64_t k = 0; k < K; k += 16) {
-    __mmask16 mask = columns(k, K);
-    __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(load_bf16(x + k, mask), sv));  // half to even
+    __mmask16 mask = slimserve::lanes(K - k);
+    __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(slimserve::widen(x + k, mask), sv));  // half to even
     v = _mm512_min_epi32(_mm512_max_epi32(v, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
     _mm_mask_storeu_epi8(q + k, mask, _mm512_cvtepi32_epi8(_mm512_add_epi32(v, _mm512_set1_epi32(128))));
   }
