@@ -56,6 +56,12 @@ inline __m512i pair_control(int i, int j) {
   return _mm512_load_si512(c);
 }
 
+// The low nibbles q of bytes 0 and 2 of each 32-bit lane, as the bf16 pair (128 + q0, 128 + q2).
+inline __m512bh plus_128(__m512i v) {
+  return (__m512bh)_mm512_ternarylogic_epi32(v, _mm512_set1_epi32(0x000F000F), _mm512_set1_epi32(0x43004300),
+                                             0xEA);  // (v & nibbles) | bits of 128
+}
+
 // Rows [m0, m0 + M) of y for blocks [b0, b0 + B).
 template <int M, int B>
 void block(const Args& a, int64_t m0, int64_t b0) {
@@ -63,7 +69,6 @@ void block(const Args& a, int64_t m0, int64_t b0) {
   for (int m = 0; m < M; ++m)
     for (int b = 0; b < B; ++b) y[m][b] = _mm512_setzero_ps();
   const int64_t octets = a.K / 8, per_group = octets / a.G;
-  const __m512i low_nibbles = _mm512_set1_epi32(0x000F000F), bf16_128 = _mm512_set1_epi32(0x43004300);
   const __m512i first = pair_control(0, 1), second = pair_control(2, 3);
   for (int64_t g = 0; g < a.G; ++g) {
     __m512 acc[M][B];
@@ -76,10 +81,10 @@ void block(const Args& a, int64_t m0, int64_t b0) {
         const uint8_t* p = a.w + ((b0 + b) * octets + j) * 64;
         _mm_prefetch((const char*)(p + PREFETCH_BYTES), _MM_HINT_T0);  // a hint: past the end is harmless
         const __m512i lo = _mm512_loadu_si512(p), hi = _mm512_srli_epi16(lo, 4);
-        w[b][0] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_shuffle_epi8(lo, first), low_nibbles, bf16_128, 0xEA);
-        w[b][1] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_shuffle_epi8(lo, second), low_nibbles, bf16_128, 0xEA);
-        w[b][2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_shuffle_epi8(hi, first), low_nibbles, bf16_128, 0xEA);
-        w[b][3] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_shuffle_epi8(hi, second), low_nibbles, bf16_128, 0xEA);
+        w[b][0] = plus_128(_mm512_shuffle_epi8(lo, first));
+        w[b][1] = plus_128(_mm512_shuffle_epi8(lo, second));
+        w[b][2] = plus_128(_mm512_shuffle_epi8(hi, first));
+        w[b][3] = plus_128(_mm512_shuffle_epi8(hi, second));
       }
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
