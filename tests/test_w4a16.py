@@ -1,5 +1,5 @@
 """W4A16: kernels/w4a16.cpp against the torch reference, the reference against its definition, and
-QuantLinear's W4A16_CPU kernel eager, compiled, act-ordered and saved."""
+QuantLinear's W4A16_CPU kernel eager, act-ordered and saved (test_qlinear: compiled graphs call it)."""
 
 import pytest
 import torch
@@ -11,20 +11,10 @@ from slimserve.eval.evaluate import module_bytes
 from slimserve.kernels import w4a8, w4a16
 from slimserve.quant.qlinear import Kernel, QuantLinear
 from slimserve.quant.rtn import quantize_weight
+from test_w4a8 import operands  # random nibbles, scales, zeros and bf16 activations with an outlier
 
 needs_kernel = pytest.mark.skipif(not w4a16.available(),
                                   reason="no AVX512-BF16 CPU, no C++ compiler or torch before 2.13 here")
-
-
-def operands(rows, out_features, in_features, group_size, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    groups = in_features // group_size
-    q = torch.randint(0, 16, (out_features, in_features), generator=generator, dtype=torch.uint8)
-    scales = (torch.rand(out_features, groups, generator=generator) / 32).to(torch.bfloat16)
-    zeros = torch.randint(0, 16, (out_features, groups), generator=generator, dtype=torch.uint8)
-    x = torch.randn(rows, in_features, generator=generator)
-    x[:, 5] *= 50  # an activation outlier
-    return x.to(torch.bfloat16), q, scales, zeros
 
 
 def test_reference_follows_the_definition():

@@ -1,5 +1,5 @@
 """W4A8: kernels/w4a8.cpp against the torch reference, the reference against its definition, and
-QuantLinear's W4A8 kernels eager, compiled and saved."""
+QuantLinear's W4A8 kernels eager and saved (test_qlinear: compiled graphs call the operator)."""
 
 import pytest
 import torch
