@@ -63,7 +63,7 @@ def layer_pair(group_size=32, sym=True, in_features=128, out_features=48):
 
 @needs_kernel
 @pytest.mark.parametrize("group_size,sym", [(32, True), (64, False), (16, False), (-1, False), (0, True)])
-@pytest.mark.parametrize("rows", [1, 7, 300])
+@pytest.mark.parametrize("rows", [1, 7, 256])  # the dot products; past 256 rows see the last test
 def test_layers_match_the_reference_kernel(group_size, sym, rows):
     layer, reference = layer_pair(group_size, sym)
     assert layer.kernel is Kernel.W4A16_CPU and reference.kernel is Kernel.REF
@@ -101,3 +101,14 @@ def test_memory_is_the_packed_weight_and_its_groups():
                                     QuantConfig(bits=4, group_size=128, sym=False))
     assert layer.kernel is Kernel.W4A16_CPU
     assert module_bytes(layer) == 576 * 1536 // 2 + 576 * 12 * (2 + 1)
+
+
+@needs_kernel
+def test_past_256_rows_the_dequantized_weight_meets_torch_matmul():
+    """More rows than GEMM_ROWS: the weight dequantized in C++ (scale * (q - zero), rounded to bf16
+    as QuantLinear.dequantize rounds it) goes through torch's bf16 matmul; up to it, the dot products."""
+    layer, _ = layer_pair(32, sym=False, in_features=576, out_features=96)
+    weight = layer.dequantize()
+    x = torch.randn(257, 576).to(torch.bfloat16)
+    assert torch.equal(layer(x), x @ weight.t() + layer.bias)
+    torch.testing.assert_close(layer(x[:256]), F.linear(x[:256], weight, layer.bias), rtol=2e-2, atol=2e-2)

@@ -8,7 +8,8 @@
 // shuffle and one ternary logic op turn 16 rows x 2 nibbles into a vdpbf16ps operand whose pairs
 // meet two adjacent activations (broadcast). The products are exact in fp32; the group sums of x
 // are taken once per call. Each thread takes R adjacent blocks of 16 rows and runs every activation
-// row over them, MAX_CHUNK rows per pass, as w4a8.cpp does.
+// row over them, MAX_CHUNK rows per pass, as w4a8.cpp does. Past GEMM_ROWS rows (a prefill), the
+// weight is dequantized to bf16 here and multiplied by torch's matmul (oneDNN's bf16 GEMM).
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -29,6 +30,9 @@ using torch::stable::Tensor;
 constexpr int64_t PREFETCH_BYTES = 512;  // per weight stream
 constexpr int MAX_CHUNK = 4;
 constexpr int R = 2;  // 3 ran alike (5 % slower at 1 row, 3 % faster at 8)
+// More rows than this: the weight dequantized to bf16 and multiplied by torch's bf16 GEMM, which is
+// faster there: the dot products above decode the nibbles again for every 4 rows.
+constexpr int64_t GEMM_ROWS = 256;
 
 struct Args {
   const uint16_t* x;     // (M, K) bf16
@@ -129,14 +133,51 @@ void product(const Args& a, int threads) {
     slimserve::with_rows<R - 1>(blocks - tasks * R, [&](auto b) { task<decltype(b)::value>(a, tasks * R); });
 }
 
+// The weight as (N, K) bf16, scale * (q - zero) rounded to bf16, into out.
+void dequantize(const Args& a, uint16_t* out, int threads) {
+  const int64_t octets = a.K / 8, per_group = octets / a.G;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < a.N / 16; ++b)
+    for (int64_t j = 0; j < octets; ++j) {
+      const int64_t at = (b * a.G + j / per_group) * 16;
+      const __m512 scale = slimserve::widen(a.scale + at, 0xFFFF);
+      const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.zero + at))));
+      const __m512i v = _mm512_loadu_si512(a.w + (b * octets + j) * 64);
+      alignas(64) uint8_t lo[64], hi[64];  // inputs 8j..8j+3 and 8j+4..8j+7 of row r at bytes 4r..4r+3
+      _mm512_store_si512(lo, _mm512_and_si512(v, nibble));
+      _mm512_store_si512(hi, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
+      for (int r = 0; r < 16; r += 2) {  // rows r and r + 1, 8 inputs each
+        const int quad = 4 * (r & ~3);  // rows r & ~3 .. (r & ~3) + 3
+        const __m128i l = _mm_load_si128((const __m128i*)(lo + quad)), h = _mm_load_si128((const __m128i*)(hi + quad));
+        const __m128i bytes = r & 2 ? _mm_unpackhi_epi32(l, h) : _mm_unpacklo_epi32(l, h);
+        const __m512i index = _mm512_inserti64x4(_mm512_set1_epi32(r), _mm256_set1_epi32(r + 1), 1);  // r x8, r+1 x8
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+        const __m512 weight = _mm512_mul_ps(_mm512_sub_ps(q, _mm512_permutexvar_ps(index, zero)),
+                                            _mm512_permutexvar_ps(index, scale));
+        const __m256i values = slimserve::to_bf16(weight);
+        uint16_t* to = out + (b * 16 + r) * a.K + 8 * j;
+        _mm_storeu_si128((__m128i*)to, _mm256_castsi256_si128(values));
+        _mm_storeu_si128((__m128i*)(to + a.K), _mm256_extracti128_si256(values, 1));
+      }
+    }
+}
+
 // x (M, K) bf16, w (N / 16, K / 8, 16, 4) uint8, scale (N / 16, G, 16) bf16, zero likewise uint8.
 Tensor w4a16_linear(Tensor x, Tensor w, Tensor scale, Tensor zero) {
   const int64_t G = slimserve::check_nibble_operands("w4a16_linear", x, w, scale, zero, 8);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 16;
-  Tensor y = torch::stable::new_empty(x, {M, N});
-  if (M == 0) return y;
   const int threads = torch::stable::get_num_threads();
   const uint16_t* xp = (const uint16_t*)x.data_ptr();
+  Args args{xp, nullptr, (const uint8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(),
+            (const uint8_t*)zero.data_ptr(), nullptr, M, N, K, G};
+  if (M > GEMM_ROWS) {
+    Tensor weight = torch::stable::new_empty(x, {N, K});
+    dequantize(args, (uint16_t*)weight.data_ptr(), threads);
+    return torch::stable::matmul(x, torch::stable::transpose(weight, 0, 1));
+  }
+  Tensor y = torch::stable::new_empty(x, {M, N});
+  if (M == 0) return y;
   const int64_t size = K / G;
   std::vector<float> x_sum(M * G);
   for (int64_t m = 0; m < M; ++m)
@@ -145,9 +186,8 @@ Tensor w4a16_linear(Tensor x, Tensor w, Tensor scale, Tensor zero) {
       for (int64_t k = 0; k < size; ++k) sum += slimserve::bf16_to_float(xp[m * K + g * size + k]);
       x_sum[m * G + g] = sum;
     }
-  product(Args{xp, x_sum.data(), (const uint8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(),
-               (const uint8_t*)zero.data_ptr(), (uint16_t*)y.data_ptr(), M, N, K, G},
-          threads);
+  args.x_sum = x_sum.data(), args.y = (uint16_t*)y.data_ptr();
+  product(args, threads);
   return y;
 }
 

@@ -2,13 +2,13 @@
 a bf16 scale and a uint8 zero point each, summed in fp32 by AVX512-BF16 dot products. The weight is
 w4a8.py's `pack`, the order w4a8.cpp reads: a layer holds one copy, whichever activations it takes.
 
-Against torch's int4 CPU kernel (aten._weight_int4pack_mm_for_cpu; above 48 rows the weight
-dequantized for a bf16 GEMM), which 4-bit layers ran before, on SmolLM2-135M's 121 layers in groups of
-32 (2 threads, benchmarks/results/quant_kernels_cpu.md): 3.2 vs 3.6 ms at 1 row, 6.0 vs 8.0 at 8,
-18.5 vs 26.8 at 32, 60.7 vs 110.1 at 128, 239 vs 223 at 512; at 2048 rows (a long prompt's prefill
-chunk) 749-837 vs 516-524 ms, 120 layers, one-off: a dequantized GEMM from this layout past ~256 rows
-is not written yet. w4a8.cpp, whose int8 activations need half the instructions, takes 2.9 / 4.9 /
-12.3 / 38.4 / 141.4 ms at 1 to 512 rows.
+Past 256 rows (prefill) the operator dequantizes the weight to bf16 itself and calls torch's matmul,
+faster there than its dot products, which decode the nibbles again for every 4 rows (SmolLM2-135M's
+120 layers without the head, one-off: 749-837 ms at 2048 rows with the dot products, 626-628 so).
+Against torch's int4 CPU path (aten._weight_int4pack_mm_for_cpu up to 48 rows, then the weight
+dequantized for a bf16 GEMM), which 4-bit layers ran before: see benchmarks/results/quant_kernels_cpu.md;
+one-off, the same 120 layers: 89-91 vs 117-118 ms at 257 rows, 152-156 vs 186 at 512, 626-628 vs
+672-675 at 2048.
 
 The operator slimserve::w4a16_linear is registered from C++ through torch's stable API, so a compiled
 graph's C++ wrapper calls it without Python. Built on first use by kernels/native.py; where it cannot

@@ -8,9 +8,9 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
   compiler is found, else aten._weight_int8pack_mm.
 - W4A16_CPU: 4-bit weights, any group size, bf16 activations: kernels/w4a16.cpp on the weight in
   w4a8.cpp's order, at every row count and inside compiled graphs, where it builds (AVX512-BF16, a
-  C++ compiler, torch 2.13+; out % 16 == 0, groups of a multiple of 8 columns): 1.1x INT4_CPU's speed
-  at 1 row, 1.3-1.8x at 8 to 128; past ~256 rows INT4_CPU's dequantized GEMM is faster (0.93x at 512,
-  0.65x at 2048; figures in kernels/w4a16.py).
+  C++ compiler, torch 2.13+; out % 16 == 0, groups of a multiple of 8 columns); past 256 rows it
+  dequantizes the weight to bf16 in C++ for torch's matmul. Ahead of INT4_CPU at every row count
+  measured (figures in kernels/w4a16.py).
 - INT4_CPU: where W4A16_CPU cannot be built, aten._weight_int4pack_mm_for_cpu on the layout of
   _convert_weight_to_int4pack_for_cpu; 4-bit, out % 16 == 0, groups of 32/64/128/256 (a larger group
   or a whole row is expressed with repeated scales), bf16 activations, AVX2/AVX512 builds. The kernel
