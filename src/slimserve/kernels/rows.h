@@ -39,6 +39,10 @@ inline __m512 widen(const uint16_t* p, __mmask16 valid) {  // bf16: its bits are
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
 }
 
+inline __m512 widen(const uint8_t* p, __mmask16 valid) {  // uint8 (zero points)
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, p)));
+}
+
 // f(std::integral_constant<int, rows>) for 1 <= rows <= Max: a kernel's row count as a template
 // argument, so its accumulators are an array of known size the compiler keeps in registers.
 template <int Max, class F>

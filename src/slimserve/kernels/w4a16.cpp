@@ -104,7 +104,7 @@ void block(const Args& a, int64_t m0, int64_t b0) {
     for (int b = 0; b < B; ++b) {
       const int64_t at = ((b0 + b) * a.G + g) * 16;
       const __m512 scale = slimserve::widen(a.scale + at, 0xFFFF);
-      const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.zero + at))));
+      const __m512 zero = slimserve::widen(a.zero + at, 0xFFFF);
       const __m512 offset = _mm512_mul_ps(scale, _mm512_add_ps(zero, _mm512_set1_ps(128.0f)));
       for (int m = 0; m < M; ++m) {
         y[m][b] = _mm512_fmadd_ps(acc[m][b], scale, y[m][b]);
@@ -142,7 +142,7 @@ void dequantize(const Args& a, uint16_t* out, int threads) {
     for (int64_t j = 0; j < octets; ++j) {
       const int64_t at = (b * a.G + j / per_group) * 16;
       const __m512 scale = slimserve::widen(a.scale + at, 0xFFFF);
-      const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.zero + at))));
+      const __m512 zero = slimserve::widen(a.zero + at, 0xFFFF);
       const __m512i v = _mm512_loadu_si512(a.w + (b * octets + j) * 64);
       alignas(64) uint8_t lo[64], hi[64];  // inputs 8j..8j+3 and 8j+4..8j+7 of row r at bytes 4r..4r+3
       _mm512_store_si512(lo, _mm512_and_si512(v, nibble));
