@@ -210,7 +210,7 @@ def test_dequantized_gemm_keeps_act_order(torch_int4):
 
 
 # (bits, group_size, sym, act_bits): int8 and int4 packed kernels, a REF scheme, W8A8, per-tensor
-CONCAT_SCHEMES = [(8, -1, True, None), (4, 64, False, None), (3, 64, False, None), (8, -1, True, 8),
+CONCAT_SCHEMES = [(8, -1, True, None), (4, 64, False, None), (8, 64, False, None), (8, -1, True, 8),
                   (8, 0, True, None)]
 
 

@@ -53,19 +53,21 @@ def test_refuses_bad_operands():
     assert not w4a16.packable(8, 64, 2) and not w4a16.packable(16, 64, 16)  # 8 rows; groups of 4 columns
 
 
-def layer_pair(group_size=32, sym=True, in_features=128, out_features=48):
-    """A 4-bit layer on this CPU's kernel, and the same layer on the torch reference (fp32: REF)."""
+def layer_pair(group_size=32, sym=True, in_features=128, out_features=48, bits=4):
+    """A layer of up to 4 bits on this CPU's kernel, and the same layer on the torch reference (fp32: REF)."""
     torch.manual_seed(0)
     linear = nn.Linear(in_features, out_features).to(torch.bfloat16)
-    config = QuantConfig(bits=4, group_size=group_size, sym=sym)
+    config = QuantConfig(bits=bits, group_size=group_size, sym=sym)
     return QuantLinear.from_linear(linear, config), QuantLinear.from_linear(linear.float(), config)
 
 
 @needs_kernel
-@pytest.mark.parametrize("group_size,sym", [(32, True), (64, False), (16, False), (-1, False), (0, True)])
+@pytest.mark.parametrize("group_size,sym,bits", [
+    (32, True, 4), (64, False, 4), (16, False, 4), (-1, False, 4), (0, True, 4), (32, False, 3), (64, True, 2)])
 @pytest.mark.parametrize("rows", [1, 7, 256])  # the dot products; past 256 rows see the last test
-def test_layers_match_the_reference_kernel(group_size, sym, rows):
-    layer, reference = layer_pair(group_size, sym)
+def test_layers_match_the_reference_kernel(group_size, sym, bits, rows):
+    """3- and 2-bit integers run in the 4-bit kernel, one a nibble."""
+    layer, reference = layer_pair(group_size, sym, bits=bits)
     assert layer.kernel is Kernel.W4A16_CPU and reference.kernel is Kernel.REF
     assert all(torch.equal(a.float(), b.float()) for a, b in zip(layer.quantized()[:3], reference.quantized()[:3]))
     x = torch.randn(rows, 128).to(torch.bfloat16)
@@ -86,19 +88,25 @@ def test_act_order_columns_are_regrouped():
 
 
 @needs_kernel
-def test_save_and_load_give_identical_outputs():
-    layer, _ = layer_pair(64, sym=False)
-    loaded = QuantLinear(128, 48, bits=4, group_size=64, sym=False, bias=True, device="meta")
-    loaded.load_state_dict(layer.state_dict())
+@pytest.mark.parametrize("bits", [4, 3])
+def test_save_and_load_give_identical_outputs(bits):
+    """The state_dict packs the integers at the layer's width (3 bits: 48 bytes a row of 128)."""
+    layer, _ = layer_pair(64, sym=False, bits=bits)
+    state = layer.state_dict()
+    assert state["qweight"].shape == (48, 128 * bits // 8)
+    loaded = QuantLinear(128, 48, bits=bits, group_size=64, sym=False, bias=True, device="meta")
+    loaded.load_state_dict(state)
     x = torch.randn(5, 128).to(torch.bfloat16)
     assert loaded.kernel is Kernel.W4A16_CPU and torch.equal(loaded(x), layer(x))
 
 
 @needs_kernel
-def test_memory_is_the_packed_weight_and_its_groups():
-    """SmolLM2's down_proj in groups of 128: half a byte a weight, a bf16 scale and a uint8 zero a group."""
+@pytest.mark.parametrize("bits", [4, 3])
+def test_memory_is_the_packed_weight_and_its_groups(bits):
+    """SmolLM2's down_proj in groups of 128: half a byte a weight (3-bit integers too, one a nibble),
+    a bf16 scale and a uint8 zero a group."""
     layer = QuantLinear.from_linear(nn.Linear(1536, 576, bias=False).to(torch.bfloat16),
-                                    QuantConfig(bits=4, group_size=128, sym=False))
+                                    QuantConfig(bits=bits, group_size=128, sym=False))
     assert layer.kernel is Kernel.W4A16_CPU
     assert module_bytes(layer) == 576 * 1536 // 2 + 576 * 12 * (2 + 1)
 

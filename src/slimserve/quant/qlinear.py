@@ -11,6 +11,8 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
   C++ compiler, torch 2.13+; out % 16 == 0, groups of a multiple of 8 columns); past 256 rows it
   dequantizes the weight to bf16 in C++ for torch's matmul. Ahead of INT4_CPU at every row count
   measured (figures in kernels/w4a16.py).
+  3- and 2-bit weights take it too, their integers held one a nibble: in memory a 4-bit layer's
+  size, on disk (state_dict) their own width.
 - INT4_CPU: where W4A16_CPU cannot be built, aten._weight_int4pack_mm_for_cpu on the layout of
   _convert_weight_to_int4pack_for_cpu; 4-bit, out % 16 == 0, groups of 32/64/128/256 (a larger group
   or a whole row is expressed with repeated scales), bf16 activations, AVX2/AVX512 builds. The kernel
@@ -31,8 +33,8 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
   builds (AVX512-VNNI, a C++ compiler, torch 2.13+; out % 16 == 0, groups of a multiple of 16
   columns): 1.3x INT4_CPU's speed at 1 row, 2-3x at 8 to 128 (figures in kernels/w4a8.py).
 - W4A8_REF: the same arithmetic in plain torch (kernels.w4a8.w4a8_reference; any device).
-- REF: dequantize, then F.linear: 3/2-bit, asymmetric 8-bit, odd groups, fp32/fp16 activations,
-  every non-CPU device (CUDA for now).
+- REF: dequantize, then F.linear: 3/2-bit where W4A16_CPU cannot be built, grouped or asymmetric
+  8-bit, odd groups, fp32/fp16 activations, every non-CPU device (CUDA for now).
 
 INT8_CPU and INT4_CPU run their packed kernel up to PACKED_CPU_MAX_ROWS rows (decode; W8A16_MAX_ROWS
 for w8a16.cpp); one row of INT8_CPU inside a compiled graph runs kernels.gemv on the same int8 weight
@@ -318,7 +320,7 @@ class QuantLinear(nn.Module):
         packed_cpu = on_cpu and dtype in PACKED_CPU_DTYPES
         if packed_cpu and self.bits == 8 and self.sym and self.group_size <= 0:
             return Kernel.INT8_CPU
-        if packed_cpu and self.bits == 4 and w4a16.packable(self.out_features, self.in_features, self.num_groups):
+        if packed_cpu and self.bits <= 4 and w4a16.packable(self.out_features, self.in_features, self.num_groups):
             return Kernel.W4A16_CPU
         if (
             packed_cpu
