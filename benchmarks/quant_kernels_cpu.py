@@ -5,6 +5,9 @@ per layer x 30, and the 49152 x 576 head), each layer its own weight so they com
 in a decode step. Time of one pass over all 121 layers at each row count, best of 3:
 - W8A16 (bf16 activations): oneDNN's bf16 GEMM on its prepacked bf16 weight (the bf16 model),
   torch's `_weight_int8pack_mm`, the int8 weight dequantized to bf16 + GEMM, and kernels/w8a16.cpp;
+- 8-bit weights in groups of 32 with zero points (bf16 activations): kernels/w8a16.cpp dequantizing
+  each 32 weights as it widens them (INT8_GROUPED_CPU), and the weight dequantized + bf16 GEMM (what
+  such layers ran before, and run past 96 rows);
 - W8A8 (uint8 activations, the integer product only): oneDNN's prepacked u8 x s8 GEMM and
   kernels/w8a8.cpp;
 - 4-bit weights in groups of 32 (bf16 activations): an INT4_CPU QuantLinear (torch's
@@ -32,6 +35,7 @@ from slimserve.config import QuantConfig
 from slimserve.eval.machine import machine_info
 from slimserve.kernels import gemv, w4a8, w4a16, w8a8, w8a16
 from slimserve.quant.qlinear import PACKED_CPU_MAX_ROWS, Kernel, QuantLinear
+from slimserve.quant.rtn import dequantize_weight
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]  # (out, in)
 ROWS = (1, 8, 32, 128, 512)
@@ -59,8 +63,10 @@ def layer(out_features: int, in_features: int) -> dict:
     linear = torch.nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16)
     weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
     scales = (torch.rand(out_features) / 64).to(torch.bfloat16)
+    group_scales = (torch.rand(out_features, in_features // 32) / 64).to(torch.bfloat16)
+    zeros = torch.randint(0, 256, group_scales.shape, dtype=torch.uint8)
     return {
-        "weight": weight, "scales": scales,
+        "weight": weight, "scales": scales, "grouped": (weight, group_scales, zeros),
         "bf16": torch.ops.mkldnn._reorder_linear_weight(
             torch.randn(out_features, in_features).to(torch.bfloat16), None),
         "onednn": (torch.ops.onednn.qlinear_prepack(weight, None), scales.float(), torch.zeros(1, dtype=torch.long)),
@@ -76,6 +82,9 @@ KERNELS = {
     "int8pack_mm (torch)": lambda x, x_u8, l: torch._weight_int8pack_mm(x, l["weight"], l["scales"]),
     "dequantize + bf16 GEMM": lambda x, x_u8, l: F.linear(x, l["weight"].to(torch.bfloat16)) * l["scales"],
     "w8a16.cpp": lambda x, x_u8, l: w8a16.w8a16_matmul(x, l["weight"], l["scales"]),
+    "W8 g32 asym dequantize + bf16 GEMM": lambda x, x_u8, l: F.linear(
+        x, dequantize_weight(l["weight"].to(torch.int16) + 128, *l["grouped"][1:]).to(torch.bfloat16)),
+    "W8 g32 asym w8a16.cpp": lambda x, x_u8, l: w8a16.w8a16_matmul(x, *l["grouped"]),
     "W8A8 u8 x s8 (oneDNN)": lambda x, x_u8, l: torch.ops.onednn.qlinear_pointwise(
         x_u8, 1.0, 128, *l["onednn"], None, 1.0, 0, torch.float32, "none", [], ""),
     "W8A8 w8a8.cpp": lambda x, x_u8, l: w8a8.w8a8_matmul(x_u8, *l["vnni"]),

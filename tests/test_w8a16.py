@@ -7,6 +7,8 @@ from slimserve.config import QuantConfig
 from slimserve.kernels import w8a16
 from slimserve.quant import qlinear
 from slimserve.quant.qlinear import W8A16_MAX_ROWS, Kernel, QuantLinear
+from slimserve.models import opaque
+from slimserve.quant.rtn import dequantize_weight, quantize_weight
 
 needs_kernel = pytest.mark.skipif(not w8a16.available(), reason="no AVX512-BF16 CPU or no C++ compiler here")
 
@@ -39,7 +41,7 @@ def test_matches_the_torch_reference(rows, out_features, in_features):
 def test_refuses_what_its_layout_cannot_take():
     x, weight, scales = operands(2, 8, 48)
     assert not w8a16.takes(weight, scales)
-    with pytest.raises(ValueError, match="divisible by 32"):
+    with pytest.raises(ValueError, match="groups of a multiple of 32 columns, got 48 columns in 1 groups"):
         w8a16.w8a16_matmul(x, weight, scales)
     x, weight, scales = operands(2, 8, 64)
     assert w8a16.takes(weight, scales)
@@ -62,3 +64,108 @@ def test_int8_layers_run_it_up_to_its_row_limit(monkeypatch):
         torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), layer.bias), rtol=2e-2, atol=2e-2)
     assert calls == [1, W8A16_MAX_ROWS]  # above the limit: the dequantized bf16 GEMM
     assert qlinear.PACKED_CPU_MAX_ROWS[Kernel.INT8_CPU] < W8A16_MAX_ROWS
+
+
+def grouped_operands(rows, out_features, in_features, num_groups, seed=0):
+    """operands() with uint8 zero points and bf16 scales per row and group."""
+    x, weight, _ = operands(rows, out_features, in_features, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    scales = (torch.rand(out_features, num_groups, generator=generator) / 64 + 1e-3).to(torch.bfloat16)
+    zeros = torch.randint(0, 256, (out_features, num_groups), generator=generator, dtype=torch.uint8)
+    zeros[0, 0], zeros[-1, -1] = 0, 255  # q - zero spans -383..383
+    return x, weight, scales, zeros
+
+
+def test_grouped_reference_follows_the_definition():
+    """x times scale * (q - zero) per group, the weight rounded to bf16, written here in float64."""
+    x, weight, scales, zeros = grouped_operands(3, 8, 64, 2)
+    q = weight.double() + 128
+    dequantized = (q - zeros.double().repeat_interleave(32, dim=1)) * scales.double().repeat_interleave(32, dim=1)
+    expected = x.double() @ dequantized.to(torch.bfloat16).double().t()
+    torch.testing.assert_close(w8a16.w8a16_reference(x, weight, scales, zeros).double(), expected,
+                               rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 9, 17])
+@pytest.mark.parametrize("out_features,in_features,num_groups", [(1, 32, 1), (5, 64, 2), (37, 1536, 12), (48, 576, 9)])
+def test_grouped_matches_the_torch_reference(rows, out_features, in_features, num_groups):
+    """Each weight is dequantized exactly in fp32 and rounded to bf16 once, as the reference's; only the
+    order of the fp32 sums differs."""
+    x, weight, scales, zeros = grouped_operands(rows, out_features, in_features, num_groups)
+    got = w8a16.w8a16_matmul(x, weight, scales, zeros)
+    reference = w8a16.w8a16_reference(x, weight, scales, zeros)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    scale = reference.abs().amax(dim=1, keepdim=True)
+    torch.testing.assert_close(got.float(), reference, rtol=2**-8, atol=float(scale.max()) * 1e-5)
+
+
+@needs_kernel
+def test_grouped_refuses_what_its_layout_cannot_take():
+    x, weight, scales, zeros = grouped_operands(2, 8, 64, 4)  # groups of 16 columns
+    assert not w8a16.takes(weight, scales, zeros)
+    with pytest.raises(ValueError, match="groups of a multiple of 32 columns, got 64 columns in 4 groups"):
+        w8a16.w8a16_matmul(x, weight, scales, zeros)
+    x, weight, scales, zeros = grouped_operands(2, 8, 64, 2)
+    assert w8a16.takes(weight, scales, zeros)
+    assert not w8a16.takes(weight, scales, zeros[:, :1].contiguous())
+    assert not w8a16.takes(weight, scales, zeros.to(torch.int8))
+
+
+# (group_size, sym): asymmetric per channel, per tensor and in groups; symmetric groups (llama.cpp's Q8_0 layout)
+GROUPED_SCHEMES = [(-1, False), (0, False), (64, False), (32, True)]
+
+
+def grouped_pair(group_size, sym, in_features=128, out_features=48):
+    """An 8-bit layer on INT8_GROUPED_CPU and the same integers on REF (fp32 scales: REF takes them)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features).to(torch.bfloat16)
+    layer = QuantLinear.from_linear(linear, QuantConfig(bits=8, group_size=group_size, sym=sym))
+    q, scales, zeros, _ = layer.quantized()
+    reference = QuantLinear(in_features, out_features, 8, group_size, sym, bias=True, device="meta")
+    reference.set_quantized(q, scales.float(), zeros, None, linear.bias.detach().float())
+    return layer, reference
+
+
+@needs_kernel
+@pytest.mark.parametrize("group_size,sym", GROUPED_SCHEMES)
+@pytest.mark.parametrize("rows", [1, 7, W8A16_MAX_ROWS, W8A16_MAX_ROWS + 1])
+def test_grouped_layers_match_the_reference_kernel(group_size, sym, rows):
+    """Up to W8A16_MAX_ROWS the kernel; past it the weight dequantized as REF dequantizes it, for a bf16 GEMM."""
+    layer, reference = grouped_pair(group_size, sym)
+    assert layer.kernel is Kernel.INT8_GROUPED_CPU and reference.kernel is Kernel.REF
+    x = torch.randn(rows, 128).to(torch.bfloat16)
+    expected = F.linear(x, dequantize_weight(*layer.quantized()[:3]).to(torch.bfloat16)) + layer.bias
+    if rows > W8A16_MAX_ROWS:
+        assert torch.equal(layer(x), expected)
+    torch.testing.assert_close(layer(x), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(layer(x).float(), reference(x.float()), rtol=2e-2, atol=2e-2)
+
+
+@needs_kernel
+def test_grouped_layers_keep_act_order_and_round_trip_their_state():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 64, bias=False).to(torch.bfloat16)
+    q, scales, zeros = quantize_weight(linear.weight.detach(), 8, 64, sym=False)
+    g_idx = torch.randperm(256, generator=torch.Generator().manual_seed(0)) // 64
+    layer = QuantLinear.from_linear(linear, QuantConfig(bits=8, group_size=64, sym=False), q,
+                                    scales.to(torch.bfloat16), zeros, g_idx)
+    assert layer.kernel is Kernel.INT8_GROUPED_CPU and layer.perm is not None
+    x = torch.randn(5, 256).to(torch.bfloat16)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize()), rtol=2e-2, atol=2e-2)
+    loaded = QuantLinear(256, 64, bits=8, group_size=64, sym=False, device="meta")
+    loaded.load_state_dict(layer.state_dict())
+    assert loaded.kernel is Kernel.INT8_GROUPED_CPU and torch.equal(loaded(x), layer(x))
+
+
+@needs_kernel
+def test_grouped_layers_run_opaquely_in_compiled_graphs():
+    """The kernel is a ctypes call: a compiled graph calls the layer eagerly (models/opaque.py) at one
+    row as at several, and gets the eager result."""
+    layer, _ = grouped_pair(64, sym=False)
+    opaque.register(layer)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for rows in (1, 5):
+            x = torch.randn(rows, 128).to(torch.bfloat16)
+            assert torch.equal(compiled(x), layer(x))

@@ -1,5 +1,7 @@
 // y (M, N) = x (M, K) @ w (N, K)ᵀ * scale (N): bf16 activations, int8 weights (W8A16), for the few
 // rows of a decode step. Built and called by w8a16.py; AVX512-BF16, OpenMP.
+// With zero points, groups: y = x @ (scale (N, G) * (w + 128 - zero (N, G)))ᵀ per group of K / G
+// columns, the weight rounded to bf16 as torch rounds the dequantized weight (exact before rounding).
 //
 // Each thread takes blocks of R adjacent weight rows (contiguous in memory), widens 32 weights at a
 // time to bf16 (exact: an int8 has at most 8 significant bits) and multiplies them with up to 8
@@ -28,64 +30,97 @@ inline __m512bh widen(const int8_t* p) {
   return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
+// 32 int8 weights w -> 32 bf16 of w * scale + offset, in order. With offset = -scale * (zero - 128)
+// each lane is scale * (w + 128 - zero) exactly in fp32 (17 significant bits at most) before the
+// one rounding to bf16.
+inline __m512bh widen(const int8_t* p, __m512 scale, __m512 offset) {
+  __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
+  return _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, scale, offset), _mm512_fmadd_ps(lo, scale, offset));
+}
+
 struct Args {
   const uint16_t* x;
   const int8_t* w;
-  const uint16_t* scale;
+  const uint16_t* scale;  // (N) or, with zero, (N, G)
+  const uint8_t* zero;    // (N, G), or null: one scale per row, no zero point
   uint16_t* y;
-  int64_t M, N, K;
+  int64_t M, N, K, G;
 };
 
-// Rows [m0, m0 + M) of y for weight rows [n, n + R).
-template <int M, int R>
+// Rows [m0, m0 + M) of y for weight rows [n, n + R); Grouped: with zero points (a.zero).
+template <int M, int R, bool Grouped>
 void block(const Args& a, int64_t m0, int64_t n) {
   __m512 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   const int8_t* w = a.w + n * a.K;
   const int8_t* end = a.w + a.N * a.K;
-  for (int64_t k = 0; k < a.K; k += 32) {
-    for (int j = 0; j < (R + 1) / 2; ++j) {  // R x 32 bytes per step: R / 2 cache lines
-      const int8_t* p = w + PREFETCH_BYTES + k * R + j * 64;
-      if (p < end) _mm_prefetch((const char*)p, _MM_HINT_T0);
+  const int64_t group = a.K / a.G;
+  for (int64_t g = 0; g < a.G; ++g) {
+    __m512 scale[R], offset[R];
+    for (int r = 0; r < R && Grouped; ++r) {
+      float s = bf16_to_float(a.scale[(n + r) * a.G + g]);
+      scale[r] = _mm512_set1_ps(s);
+      offset[r] = _mm512_set1_ps(-s * (float)(a.zero[(n + r) * a.G + g] - 128));
     }
-    __m512bh wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = widen(w + r * a.K + k);
-    for (int m = 0; m < M; ++m) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(a.x + (m0 + m) * a.K + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+      for (int j = 0; j < (R + 1) / 2; ++j) {  // R x 32 bytes per step: R / 2 cache lines
+        const int8_t* p = w + PREFETCH_BYTES + k * R + j * 64;
+        if (p < end) _mm_prefetch((const char*)p, _MM_HINT_T0);
+      }
+      __m512bh wv[R];
+      for (int r = 0; r < R; ++r) {
+        if constexpr (Grouped)
+          wv[r] = widen(w + r * a.K + k, scale[r], offset[r]);
+        else
+          wv[r] = widen(w + r * a.K + k);
+      }
+      for (int m = 0; m < M; ++m) {
+        __m512bh xv = (__m512bh)_mm512_loadu_si512(a.x + (m0 + m) * a.K + k);
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
-    float scale = bf16_to_float(a.scale[n + r]);
+    float scale = Grouped ? 1.0f : bf16_to_float(a.scale[n + r]);
     for (int m = 0; m < M; ++m) a.y[(m0 + m) * a.N + n + r] = float_to_bf16(_mm512_reduce_add_ps(acc[m][r]) * scale);
   }
 }
 
-template <int R>
+template <int R, bool Grouped>
 void rows(const Args& a, int64_t n) {
   for (int64_t m0 = 0; m0 < a.M; m0 += MAX_CHUNK)
-    slimserve::with_rows<MAX_CHUNK>(a.M - m0, [&](auto m) { block<decltype(m)::value, R>(a, m0, n); });
+    slimserve::with_rows<MAX_CHUNK>(a.M - m0, [&](auto m) { block<decltype(m)::value, R, Grouped>(a, m0, n); });
 }
 
-template <int R>
+template <int R, bool Grouped>
 void run(const Args& a, int threads) {
   int64_t blocks = a.N / R;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t i = 0; i < blocks; ++i) rows<R>(a, i * R);
-  for (int64_t n = blocks * R; n < a.N; ++n) rows<1>(a, n);
+  for (int64_t i = 0; i < blocks; ++i) rows<R, Grouped>(a, i * R);
+  for (int64_t n = blocks * R; n < a.N; ++n) rows<1, Grouped>(a, n);
+}
+
+template <bool Grouped>
+void run(const Args& a, int threads) {
+  if (a.M <= 2)
+    run<4, Grouped>(a, threads);  // fewer rows: more weight rows per step keep the loads busy
+  else
+    run<2, Grouped>(a, threads);
 }
 
 }  // namespace
 
-// Returns 0, or 1 when K is not a multiple of 32 (nothing written).
-extern "C" int w8a16_matmul(const uint16_t* x, const int8_t* w, const uint16_t* scale, uint16_t* y,
-                            int64_t M, int64_t N, int64_t K, int threads) {
-  if (K % 32 != 0 || M < 1) return 1;
-  Args a{x, w, scale, y, M, N, K};
-  if (M <= 2)
-    run<4>(a, threads);  // fewer rows: more weight rows per step keep the loads busy
+// Returns 0, or 1 when a group's K / G columns are not a multiple of 32 (nothing written). Without
+// zero points G is 1.
+extern "C" int w8a16_matmul(const uint16_t* x, const int8_t* w, const uint16_t* scale, const uint8_t* zero,
+                            uint16_t* y, int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
+  if (G < 1 || K % G != 0 || (K / G) % 32 != 0 || (!zero && G != 1) || M < 1) return 1;
+  Args a{x, w, scale, zero, y, M, N, K, G};
+  if (zero)
+    run<true>(a, threads);
   else
-    run<2>(a, threads);
+    run<false>(a, threads);
   return 0;
 }

@@ -7,6 +7,9 @@ prefetching the weight. SmolLM2-135M's 121 layers on 2 Zen 4 cores (benchmarks/r
 quant_kernels_cpu.md): 4.4 ms at 1 row and 5.5 at 8, where torch's int8 kernel takes 5.3 and 9.6
 and oneDNN's bf16 GEMM 8.7 and 10.1; engine figures in benchmarks/results/quant_speed_cpu.md.
 
+With zero points and groups (8-bit asymmetric or grouped layouts), each 32 weights are dequantized
+to bf16 as they are widened, scale * (q - zero), rounded as torch rounds the dequantized weight.
+
 Built on first use by kernels/native.py; where it cannot be (no AVX512-BF16, no compiler),
 `available()` is False and callers keep torch's kernel. w8a16_reference is the torch oracle.
 """
@@ -17,9 +20,10 @@ import torch
 from torch import Tensor
 
 from slimserve.kernels import native
+from slimserve.quant.rtn import dequantize_weight
 
-K_MULTIPLE = 32  # in_features must be a multiple: the kernel reads 32 weights at a time
-ARGTYPES = (ctypes.c_void_p,) * 4 + (ctypes.c_int64,) * 3 + (ctypes.c_int,)
+K_MULTIPLE = 32  # in_features (and a group's columns) must be a multiple: the kernel reads 32 weights at a time
+ARGTYPES = (ctypes.c_void_p,) * 5 + (ctypes.c_int64,) * 4 + (ctypes.c_int,)
 
 
 def _kernel():
@@ -30,28 +34,41 @@ def available() -> bool:
     return _kernel() is not None
 
 
-def takes(weight: Tensor, scales: Tensor) -> bool:
-    """True if w8a16_matmul takes this weight and these scales here (their layouts, and the kernel
-    built); a layer decides it once, when its weight is set."""
+def takes(weight: Tensor, scales: Tensor, zeros: Tensor | None = None) -> bool:
+    """True if w8a16_matmul takes this weight, these scales and zero points here (their layouts, and
+    the kernel built); a layer decides it once, when its weight is set."""
+    in_features = weight.shape[1]
+    if zeros is None:
+        group, laid_out = in_features, scales.dim() == 1
+    else:
+        group = in_features // scales.shape[1] if scales.dim() == 2 and in_features % scales.shape[1] == 0 else 0
+        laid_out = (zeros.dtype == torch.uint8 and zeros.shape == scales.shape == (weight.shape[0], scales.shape[1])
+                    and zeros.is_contiguous())
     return (weight.dtype == torch.int8 and scales.dtype == torch.bfloat16 and weight.device.type == "cpu"
-            and weight.shape[1] % K_MULTIPLE == 0 and weight.is_contiguous() and scales.is_contiguous()
-            and available())
+            and laid_out and group > 0 and group % K_MULTIPLE == 0 and weight.is_contiguous()
+            and scales.is_contiguous() and available())
 
 
-def w8a16_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+def w8a16_matmul(x: Tensor, weight: Tensor, scales: Tensor, zeros: Tensor | None = None) -> Tensor:
     """x (rows, in) bf16 @ weight (out, in) int8ᵀ * scales (out,) bf16 -> (rows, out) bf16, products
-    summed in fp32, for a weight and scales that takes() accepts."""
+    summed in fp32; with zeros, x @ dequantize_weight(weight + 128, scales, zeros)ᵀ for scales and uint8
+    zeros (out, groups). For a weight, scales and zeros that takes() accepts."""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"w8a16_matmul needs contiguous 2-D bf16 activations, got {x.dtype} {tuple(x.shape)}")
     rows, out = x.shape[0], weight.shape[0]
+    num_groups = 1 if zeros is None else scales.shape[1]
     y = torch.empty(rows, out, dtype=torch.bfloat16)
-    failed = _kernel()(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), rows, out, x.shape[1],
-                       torch.get_num_threads())
+    failed = _kernel()(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
+                       y.data_ptr(), rows, out, x.shape[1], num_groups, torch.get_num_threads())
     if failed:
-        raise ValueError(f"w8a16_matmul needs in_features divisible by {K_MULTIPLE}, got {x.shape[1]}")
+        raise ValueError(f"w8a16_matmul needs groups of a multiple of {K_MULTIPLE} columns, got {x.shape[1]} "
+                         f"columns in {num_groups} groups")
     return y
 
 
-def w8a16_reference(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+def w8a16_reference(x: Tensor, weight: Tensor, scales: Tensor, zeros: Tensor | None = None) -> Tensor:
     """The same product in plain torch, fp32."""
-    return (x.float() @ weight.float().t()) * scales.float()
+    if zeros is None:
+        return (x.float() @ weight.float().t()) * scales.float()
+    dequantized = dequantize_weight(weight.to(torch.int16) + 128, scales, zeros).to(torch.bfloat16)
+    return x.float() @ dequantized.float().t()

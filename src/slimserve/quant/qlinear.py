@@ -6,6 +6,10 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
 - INT8_CPU: int8 weight (out, in) times one scale per output channel; symmetric 8-bit, per channel
   or per tensor, bf16 activations. kernels/w8a16.cpp where the CPU has AVX512-BF16 and a C++
   compiler is found, else aten._weight_int8pack_mm.
+- INT8_GROUPED_CPU: 8-bit weights in groups or with zero points (asymmetric 8-bit, or groups of
+  symmetric ones like llama.cpp's Q8_0), bf16 activations: kernels/w8a16.cpp, which dequantizes each
+  32 weights to bf16 as it widens them (rounded as REF rounds the weight), where it builds and the
+  groups are a multiple of 32 columns. Compiled graphs call it opaquely at every row count.
 - W4A16_CPU: 4-bit weights, any group size, bf16 activations: kernels/w4a16.cpp on the weight in
   w4a8.cpp's order, at every row count and inside compiled graphs, where it builds (AVX512-BF16, a
   C++ compiler, torch 2.13+; out % 16 == 0, groups of a multiple of 8 columns); past 256 rows it
@@ -33,11 +37,11 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
   builds (AVX512-VNNI, a C++ compiler, torch 2.13+; out % 16 == 0, groups of a multiple of 16
   columns): 1.3x INT4_CPU's speed at 1 row, 2-3x at 8 to 128 (figures in kernels/w4a8.py).
 - W4A8_REF: the same arithmetic in plain torch (kernels.w4a8.w4a8_reference; any device).
-- REF: dequantize, then F.linear: 3/2-bit where W4A16_CPU cannot be built, grouped or asymmetric
-  8-bit, odd groups, fp32/fp16 activations, every non-CPU device (CUDA for now).
+- REF: dequantize, then F.linear: 3/2-bit, grouped or asymmetric 8-bit where the C++ kernels cannot
+  be built, odd groups, fp32/fp16 activations, every non-CPU device (CUDA for now).
 
-INT8_CPU and INT4_CPU run their packed kernel up to PACKED_CPU_MAX_ROWS rows (decode; W8A16_MAX_ROWS
-for w8a16.cpp); one row of INT8_CPU inside a compiled graph runs kernels.gemv on the same int8 weight
+INT8_CPU, INT8_GROUPED_CPU and INT4_CPU run their packed kernel up to PACKED_CPU_MAX_ROWS rows
+(decode; W8A16_MAX_ROWS for w8a16.cpp); one row of INT8_CPU inside a compiled graph runs kernels.gemv on the same int8 weight
 instead; for more rows (prefill) they dequantize the weight to bf16 and run a bf16 GEMM. Both are weight-only:
 activations stay in bf16.
 
@@ -96,6 +100,7 @@ def onednn_int8_exact() -> bool:
 class Kernel(Enum):
     REF = "ref"
     INT8_CPU = "int8_cpu"
+    INT8_GROUPED_CPU = "int8_grouped_cpu"
     INT4_CPU = "int4_cpu"
     W8A8_CPU = "w8a8_cpu"
     W8A8_REF = "w8a8_ref"
@@ -108,17 +113,17 @@ class Kernel(Enum):
 # row count, while dequantizing the weight once (to_dtype for int8; unpack and scale for int4, the
 # dearer) and running the compute dtype's GEMM costs a little more than the bf16 GEMM. Crossovers
 # on SmolLM2-135M's shapes (AVX512-BF16 Zen 4): int8 between 8 and 16 rows, int4 near 50.
-PACKED_CPU_MAX_ROWS = {Kernel.INT8_CPU: 8, Kernel.INT4_CPU: 48}
-# INT8_CPU runs kernels/w8a16.cpp instead where it is available: it reads the weight once and
-# multiplies 8 rows per pass with bf16 dot products, ahead of the dequantized bf16 GEMM up to
-# about 96 rows on the same shapes (121 layers: 83 vs 94 ms at 64 rows, 125-127 vs 122-127 at 96,
-# 161-165 vs 148-158 at 128; benchmarks/quant_kernels_cpu.py).
+# INT8_CPU runs kernels/w8a16.cpp instead where it is available (INT8_GROUPED_CPU always): it reads
+# the weight once and multiplies 8 rows per pass with bf16 dot products, ahead of the dequantized
+# bf16 GEMM up to about 96 rows on the same shapes (121 layers: 83 vs 94 ms at 64 rows, 125-127 vs
+# 122-127 at 96, 161-165 vs 148-158 at 128; benchmarks/quant_kernels_cpu.py).
 W8A16_MAX_ROWS = 96
+PACKED_CPU_MAX_ROWS = {Kernel.INT8_CPU: 8, Kernel.INT4_CPU: 48, Kernel.INT8_GROUPED_CPU: W8A16_MAX_ROWS}
 # In a compiled graph, several rows of these kernels run as opaque calls (models/opaque.py): the
 # switch to a dequantized GEMM above depends on the row count, and inductor lowers int4's kernel
 # to a slower one. W8A8 and REF are traced: their extra operations fuse (W8A8_CPU calls only its
 # prepacked integer product opaquely).
-OPAQUE_KERNELS = (Kernel.INT8_CPU, Kernel.INT4_CPU)
+OPAQUE_KERNELS = (Kernel.INT8_CPU, Kernel.INT4_CPU, Kernel.INT8_GROUPED_CPU)
 
 
 class QuantLinear(nn.Module):
@@ -157,7 +162,7 @@ class QuantLinear(nn.Module):
         self.onednn: tuple[Tensor, Tensor, Tensor] | None = None  # W8A8_CPU: weight, scales, zeros
         self.vnni: tuple[Tensor, Tensor, Tensor] | None = None  # or: w8a8.pack's weight, sums; scales
         self.nibbles: tuple[Tensor, Tensor, Tensor] | None = None  # W4A8/W4A16_CPU: w4a8.pack's three
-        self.uses_w8a16 = False  # INT8_CPU: kernels/w8a16.cpp takes the weight
+        self.uses_w8a16 = False  # INT8_CPU, INT8_GROUPED_CPU: kernels/w8a16.cpp takes the weight
         self.register_buffer("perm", None)  # column order making act-order groups contiguous
         self.register_buffer(
             "bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None
@@ -279,6 +284,12 @@ class QuantLinear(nn.Module):
         elif self.kernel in (Kernel.REF, Kernel.W4A8_REF):
             self.qweight = pack_bits(q.to(torch.uint8), self.bits, dim=1, dtype=torch.uint8)
             self.scales, self.zeros = scales, zeros.to(torch.uint8)
+        elif self.kernel is Kernel.INT8_GROUPED_CPU:  # as the symmetric kernels, q - 128, and zero points
+            every_row = (self.out_features, self.num_groups)
+            self.qweight = (q.to(torch.int16) - 128).to(torch.int8)
+            self.scales = scales.expand(every_row).contiguous()
+            self.zeros = zeros.to(torch.uint8).expand(every_row).contiguous()
+            self.uses_w8a16 = True
         else:  # symmetric 8-bit: the zero point is 128, so q - 128 is the signed weight
             if not bool((zeros == 128).all()):
                 raise ValueError(f"symmetric 8-bit zeros must all be 128, got {zeros.unique()[:8].tolist()}")
@@ -320,6 +331,9 @@ class QuantLinear(nn.Module):
         packed_cpu = on_cpu and dtype in PACKED_CPU_DTYPES
         if packed_cpu and self.bits == 8 and self.sym and self.group_size <= 0:
             return Kernel.INT8_CPU
+        if packed_cpu and self.bits == 8 and self.in_features % (self.num_groups * w8a16.K_MULTIPLE) == 0 \
+                and w8a16.available():
+            return Kernel.INT8_GROUPED_CPU
         if packed_cpu and self.bits <= 4 and w4a16.packable(self.out_features, self.in_features, self.num_groups):
             return Kernel.W4A16_CPU
         if (
@@ -356,6 +370,9 @@ class QuantLinear(nn.Module):
         elif self.kernel in (Kernel.REF, Kernel.W4A8_REF):
             q = unpack_bits(self.qweight, self.bits, dim=1)
             scales, zeros = self.scales, self.zeros
+        elif self.kernel is Kernel.INT8_GROUPED_CPU:
+            q = (self.qweight.to(torch.int16) + 128).to(torch.uint8)
+            scales, zeros = self.scales[: self.scale_rows], self.zeros[: self.scale_rows]
         else:
             q = (self._signed_weight().to(torch.int16) + 128).to(torch.uint8)
             scales = self.scales[: self.scale_rows, None]
@@ -374,7 +391,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != self.dtype:
             raise ValueError(f"input dtype {x.dtype} does not match the layer's dtype {self.dtype}")
-        if torch.compiler.is_compiling() and self.kernel in OPAQUE_KERNELS and x.numel() > self.in_features:
+        one_row_traced = x.numel() == self.in_features and self.kernel is not Kernel.INT8_GROUPED_CPU
+        if torch.compiler.is_compiling() and self.kernel in OPAQUE_KERNELS and not one_row_traced:
             return opaque.linear(x, self.opaque_handle)
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
@@ -385,7 +403,7 @@ class QuantLinear(nn.Module):
         elif self.kernel in PACKED_CPU_MAX_ROWS and x2.shape[0] > self.packed_max_rows():
             y = self._dequantized_mm(x2)
         elif self.uses_w8a16:
-            y = w8a16.w8a16_matmul(x2, self.qweight, self.scales)
+            y = w8a16.w8a16_matmul(x2, self.qweight, self.scales, self.zeros)
         elif self.kernel is Kernel.INT4_CPU:
             kernel_group = self.in_features // self.scales_and_zeros.shape[0]
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -411,13 +429,16 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def packed_max_rows(self) -> int:
-        """The most rows the layer's packed CPU kernel (INT8_CPU, INT4_CPU) takes at once."""
+        """The most rows the layer's packed CPU kernel (INT8_CPU, INT8_GROUPED_CPU, INT4_CPU) takes at once."""
         return W8A16_MAX_ROWS if self.uses_w8a16 else PACKED_CPU_MAX_ROWS[self.kernel]
 
     def _dequantized_mm(self, x2: Tensor) -> Tensor:
         """x2 @ W.T through the weight dequantized to the compute dtype, for the packed CPU kernels."""
         if self.kernel is Kernel.INT8_CPU:  # q - 128 is exact in bf16; the scale is per output
             return F.linear(x2, self.qweight.to(self.dtype)) * self.scales
+        if self.kernel is Kernel.INT8_GROUPED_CPU:  # the columns in the layer's order, rounded as REF rounds them
+            q = self.qweight.to(torch.int16) + 128
+            return F.linear(x2, dequantize_weight(q, self.scales, self.zeros).to(self.dtype))
         q_t = unpack_int4_cpu(self.qweight, self.out_features, self.in_features).t()  # (in, out)
         num_kernel_groups = self.scales_and_zeros.shape[0]
         # contiguous (groups, 1, out) factors, so the broadcast along each group's rows vectorizes
