@@ -20,10 +20,8 @@ from torch import Tensor
 
 from slimserve.kernels import native
 
-_library = torch.library.Library("slimserve", "FRAGMENT")
-_library.define("gemv(Tensor x, Tensor w, Tensor? scales=None, Tensor? bias=None) -> Tensor")
-torch.library.register_fake("slimserve::gemv", lambda x, w, scales=None, bias=None: x.new_empty(x.shape[0], w.shape[0]),
-                            lib=_library)
+native.define_operator("gemv(Tensor x, Tensor w, Tensor? scales=None, Tensor? bias=None) -> Tensor",
+                       lambda x, w, scales=None, bias=None: x.new_empty(x.shape[0], w.shape[0]))
 
 
 @torch.compiler.assume_constant_result  # traced gemv calls take it as a constant, read once

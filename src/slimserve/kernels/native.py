@@ -82,6 +82,16 @@ def load(source: str, function: str, flags: tuple[str, ...], needs: frozenset[st
     return loaded
 
 
+_library = torch.library.Library("slimserve", "FRAGMENT")
+
+
+def define_operator(schema: str, fake) -> None:
+    """Declare the operator slimserve::<name> of `schema`, whose kernel a C++ file registers once
+    load_operators has loaded it, and its output for tracing (`fake`, from the inputs' shapes)."""
+    _library.define(schema)
+    torch.library.register_fake(f"slimserve::{schema.split('(')[0]}", fake, lib=_library)
+
+
 @cache
 def load_operators(source: str, flags: tuple[str, ...], needs: frozenset[str]) -> bool:
     """Build `source`, which registers torch operators through torch's stable C++ API, against the

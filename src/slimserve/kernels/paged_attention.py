@@ -16,10 +16,9 @@ from torch import Tensor
 
 from slimserve.kernels import native
 
-_library = torch.library.Library("slimserve", "FRAGMENT")
-_library.define("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-                "Tensor? k_new, Tensor? v_new, float scale, int sliding_window) -> Tensor")
-torch.library.register_fake("slimserve::decode_attention", lambda q, *args: q.new_empty(q.shape), lib=_library)
+native.define_operator("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+                       "Tensor context_lens, Tensor? k_new, Tensor? v_new, float scale, int sliding_window) -> Tensor",
+                       lambda q, *args: q.new_empty(q.shape))
 
 
 DTYPES = (torch.float32, torch.bfloat16)  # of q and the cache: what the operator reads

@@ -22,10 +22,8 @@ from torch import Tensor
 from slimserve.kernels import native
 from slimserve.quant.rtn import dequantize_weight
 
-_library = torch.library.Library("slimserve", "FRAGMENT")
-_library.define("w4a16_linear(Tensor x, Tensor w, Tensor scale, Tensor zero) -> Tensor")
-torch.library.register_fake(
-    "slimserve::w4a16_linear", lambda x, w, scale, zero: x.new_empty(x.shape[0], w.shape[0] * 16), lib=_library)
+native.define_operator("w4a16_linear(Tensor x, Tensor w, Tensor scale, Tensor zero) -> Tensor",
+                       lambda x, w, scale, zero: x.new_empty(x.shape[0], w.shape[0] * 16))
 # x (rows, in) bf16 times w4a8.pack's weight, scales and zeros -> (rows, out) bf16, as
 # w4a16_reference computes it; runs once available() has loaded the C++ kernel.
 w4a16_linear = torch.ops.slimserve.w4a16_linear

@@ -17,10 +17,8 @@ from torch import Tensor
 
 from slimserve.kernels import native
 
-_library = torch.library.Library("slimserve", "FRAGMENT")
-_library.define("w4a8_linear(Tensor x, Tensor w, Tensor scale, Tensor zero) -> Tensor")
-torch.library.register_fake(
-    "slimserve::w4a8_linear", lambda x, w, scale, zero: x.new_empty(x.shape[0], w.shape[0] * 16), lib=_library)
+native.define_operator("w4a8_linear(Tensor x, Tensor w, Tensor scale, Tensor zero) -> Tensor",
+                       lambda x, w, scale, zero: x.new_empty(x.shape[0], w.shape[0] * 16))
 # x (rows, in) bf16 times pack's weight -> (rows, out) bf16, as w4a8_reference computes it; runs once
 # available() has loaded the C++ kernel.
 w4a8_linear = torch.ops.slimserve.w4a8_linear
