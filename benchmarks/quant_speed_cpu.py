@@ -24,7 +24,7 @@ from slimserve import LLM, SamplingParams
 from slimserve.config import QuantConfig
 from slimserve.eval.datasets import load_text
 from slimserve.eval.machine import in_fresh_process, machine_info
-from slimserve.kernels import w8a8, w8a16
+from slimserve.kernels import w4a16, w8a8, w8a16
 from slimserve.models.loader import load_tokenizer
 from slimserve.quant.pipeline import cached_quantize
 from slimserve.quant.qlinear import PACKED_CPU_MAX_ROWS, W8A16_MAX_ROWS, Kernel
@@ -40,9 +40,11 @@ LM_HEAD_8BIT = {"lm_head": {"bits": 8, "group_size": -1, "sym": True}}
 VARIANTS = {
     "bf16": None,
     "int8 W8A16 per-channel sym": QuantConfig(bits=8, group_size=-1, sym=True),
+    "int8 W8A16 g64 asym": QuantConfig(bits=8, group_size=64, sym=False),
     "int4 g64 sym, lm_head int8": QuantConfig(bits=4, group_size=64, sym=True, modules=LM_HEAD_8BIT),
     "int4 g64 asym, lm_head int8": QuantConfig(bits=4, group_size=64, sym=False, modules=LM_HEAD_8BIT),
     "int4 g64 asym": QuantConfig(bits=4, group_size=64, sym=False),
+    "int3 g64 asym, lm_head int8": QuantConfig(bits=3, group_size=64, sym=False, modules=LM_HEAD_8BIT),
     "int8 W8A8 dynamic": QuantConfig(bits=8, group_size=-1, sym=True, act_bits=8),
 }
 COMPILED_NOTE = (" (batch-1 decode as one torch.compile graph, in which bf16, int8 and W8A8 layers "
@@ -128,6 +130,9 @@ def main() -> None:
               flush=True)
     medians = {name: {c: statistics.median(v) for c, v in row.items()} for name, row in samples.items()}
     base = medians["bf16"]
+    int4 = ("`kernels/w4a16.cpp` (past 256 rows the weight dequantized to bf16 in C++ for torch's matmul)"
+            if w4a16.available() else
+            f"`_weight_int4pack_mm_for_cpu` up to {PACKED_CPU_MAX_ROWS[Kernel.INT4_CPU]} rows")
     lines = [
         f"# Quantized vs bf16 speed on CPU: {MODEL}",
         "",
@@ -146,11 +151,11 @@ def main() -> None:
         "bf16 time / model time).",
         "",
         "Kernels: bf16 layers run oneDNN matmuls; int8 W8A16 layers run "
-        + (f"slimserve's `kernels/w8a16.cpp` up to {W8A16_MAX_ROWS} rows" if w8a16.available() else
+        + (f"slimserve's `kernels/w8a16.cpp` up to {W8A16_MAX_ROWS} rows (grouped asymmetric ones too, "
+           "dequantizing each 32 weights as it widens them)" if w8a16.available() else
            f"`_weight_int8pack_mm` up to {PACKED_CPU_MAX_ROWS[Kernel.INT8_CPU]} rows")
-        + f" and int4 layers `_weight_int4pack_mm_for_cpu` up to {PACKED_CPU_MAX_ROWS[Kernel.INT4_CPU]} rows "
-        "(decode), above that (prefill) the weight dequantized to bf16 and a bf16 GEMM; W8A8 layers quantize "
-        "activations per token and run "
+        + ", above that the weight dequantized to bf16 and a bf16 GEMM; int4 and int3 layers (3-bit integers "
+        f"one a nibble) {int4}; W8A8 layers quantize activations per token and run "
         + ("slimserve's `kernels/w8a8.cpp` on the weight in VNNI order" if w8a8.available() else
            "oneDNN's int8 GEMM on a prepacked weight (`onednn.qlinear_pointwise`)") + ".",
         "",
