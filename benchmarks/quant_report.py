@@ -124,8 +124,8 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
         found.append(f"W8A16 RTN per channel misses 0.3 % ({rtn:+.2f} %): one symmetric scale per row rounds the "
                      f"weights that meet the largest activations as coarsely as the rest. GPTQ at 8 bits per channel "
                      f"({gptq:+.2f} %) keeps the same layout, and so the packed int8 kernel, and corrects that error "
-                     f"from the calibration Hessian; asymmetric groups of {group} ({grouped:+.2f} %) have no packed "
-                     "CPU kernel yet (they dequantize every step), hence their decode speed.")
+                     f"from the calibration Hessian. Asymmetric groups of {group} ({grouped:+.2f} %) need no "
+                     "calibration and run the same kernel (w8a16.cpp), which dequantizes each 32 weights as it reads them.")
     if 0.3 <= gptq and head_bf16 < gptq:
         found.append(f"W8A16 GPTQ misses 0.3 % by {gptq - 0.3:.2f} points; with lm_head left in bf16 the same GPTQ "
                      f"gives {head_bf16:+.2f} %, so the 8-bit head costs the difference"
