@@ -112,6 +112,7 @@ def test_grouped_refuses_what_its_layout_cannot_take():
     assert not w8a16.takes(weight, scales, zeros.to(torch.int8))
 
 
+GROUPED_MAX_ROWS = qlinear.PACKED_CPU_MAX_ROWS[Kernel.INT8_GROUPED_CPU]
 # (group_size, sym): asymmetric per channel, per tensor and in groups; symmetric groups (llama.cpp's Q8_0 layout)
 GROUPED_SCHEMES = [(-1, False), (0, False), (64, False), (32, True)]
 
@@ -129,14 +130,14 @@ def grouped_pair(group_size, sym, in_features=128, out_features=48):
 
 @needs_kernel
 @pytest.mark.parametrize("group_size,sym", GROUPED_SCHEMES)
-@pytest.mark.parametrize("rows", [1, 7, W8A16_MAX_ROWS, W8A16_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 7, GROUPED_MAX_ROWS, GROUPED_MAX_ROWS + 1])
 def test_grouped_layers_match_the_reference_kernel(group_size, sym, rows):
-    """Up to W8A16_MAX_ROWS the kernel; past it the weight dequantized as REF dequantizes it, for a bf16 GEMM."""
+    """Up to its row limit the kernel; past it the weight dequantized as REF dequantizes it, for a bf16 GEMM."""
     layer, reference = grouped_pair(group_size, sym)
     assert layer.kernel is Kernel.INT8_GROUPED_CPU and reference.kernel is Kernel.REF
     x = torch.randn(rows, 128).to(torch.bfloat16)
     expected = F.linear(x, dequantize_weight(*layer.quantized()[:3]).to(torch.bfloat16)) + layer.bias
-    if rows > W8A16_MAX_ROWS:
+    if rows > GROUPED_MAX_ROWS:
         assert torch.equal(layer(x), expected)
     torch.testing.assert_close(layer(x), expected, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(layer(x).float(), reference(x.float()), rtol=2e-2, atol=2e-2)

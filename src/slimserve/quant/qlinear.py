@@ -113,12 +113,15 @@ class Kernel(Enum):
 # row count, while dequantizing the weight once (to_dtype for int8; unpack and scale for int4, the
 # dearer) and running the compute dtype's GEMM costs a little more than the bf16 GEMM. Crossovers
 # on SmolLM2-135M's shapes (AVX512-BF16 Zen 4): int8 between 8 and 16 rows, int4 near 50.
-# INT8_CPU runs kernels/w8a16.cpp instead where it is available (INT8_GROUPED_CPU always): it reads
-# the weight once and multiplies 8 rows per pass with bf16 dot products, ahead of the dequantized
-# bf16 GEMM up to about 96 rows on the same shapes (121 layers: 83 vs 94 ms at 64 rows, 125-127 vs
-# 122-127 at 96, 161-165 vs 148-158 at 128; benchmarks/quant_kernels_cpu.py).
+# INT8_CPU runs kernels/w8a16.cpp instead where it is available: it reads the weight once and
+# multiplies 8 rows per pass with bf16 dot products, ahead of the dequantized bf16 GEMM up to about
+# 96 rows on the same shapes (121 layers: 83 vs 94 ms at 64 rows, 125-127 vs 122-127 at 96, 161-165
+# vs 148-158 at 128; benchmarks/quant_kernels_cpu.py).
 W8A16_MAX_ROWS = 96
-PACKED_CPU_MAX_ROWS = {Kernel.INT8_CPU: 8, Kernel.INT4_CPU: 48, Kernel.INT8_GROUPED_CPU: W8A16_MAX_ROWS}
+# INT8_GROUPED_CPU's weight is dequantized in torch (several fp32 passes), far dearer than the int8
+# weight's conversion: 121 layers in groups of 32, kernel vs dequantized + GEMM, 101 vs 231 ms at 128
+# rows, 430 vs 360 at 512 (quant_kernels_cpu.md), so the kernel runs up to about 384 rows.
+PACKED_CPU_MAX_ROWS = {Kernel.INT8_CPU: 8, Kernel.INT4_CPU: 48, Kernel.INT8_GROUPED_CPU: 384}
 # In a compiled graph, several rows of these kernels run as opaque calls (models/opaque.py): the
 # switch to a dequantized GEMM above depends on the row count, and inductor lowers int4's kernel
 # to a slower one. W8A8 and REF are traced: their extra operations fuse (W8A8_CPU calls only its
@@ -430,7 +433,7 @@ class QuantLinear(nn.Module):
 
     def packed_max_rows(self) -> int:
         """The most rows the layer's packed CPU kernel (INT8_CPU, INT8_GROUPED_CPU, INT4_CPU) takes at once."""
-        return W8A16_MAX_ROWS if self.uses_w8a16 else PACKED_CPU_MAX_ROWS[self.kernel]
+        return W8A16_MAX_ROWS if self.kernel is Kernel.INT8_CPU and self.uses_w8a16 else PACKED_CPU_MAX_ROWS[self.kernel]
 
     def _dequantized_mm(self, x2: Tensor) -> Tensor:
         """x2 @ W.T through the weight dequantized to the compute dtype, for the packed CPU kernels."""
