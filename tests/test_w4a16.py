@@ -74,14 +74,19 @@ def test_layers_match_the_reference_kernel(group_size, sym, bits, rows):
     torch.testing.assert_close(layer(x).float(), reference(x.float()), rtol=2**-7, atol=2e-3)
 
 
-@needs_kernel
-def test_act_order_columns_are_regrouped():
+def act_ordered(bits: int, group_size: int) -> QuantLinear:
+    """A bf16 256 -> 64 layer, asymmetric, its columns in groups by a random g_idx (GPTQ's act-order)."""
     torch.manual_seed(0)
     linear = nn.Linear(256, 64, bias=False).to(torch.bfloat16)
-    q, scales, zeros = quantize_weight(linear.weight.detach(), 4, 32, sym=False)
-    g_idx = torch.randperm(256, generator=torch.Generator().manual_seed(0)) // 32
-    layer = QuantLinear.from_linear(linear, QuantConfig(bits=4, group_size=32, sym=False), q,
-                                    scales.to(torch.bfloat16), zeros, g_idx)
+    q, scales, zeros = quantize_weight(linear.weight.detach(), bits, group_size, sym=False)
+    g_idx = torch.randperm(256, generator=torch.Generator().manual_seed(0)) // group_size
+    return QuantLinear.from_linear(linear, QuantConfig(bits=bits, group_size=group_size, sym=False), q,
+                                   scales.to(torch.bfloat16), zeros, g_idx)
+
+
+@needs_kernel
+def test_act_order_columns_are_regrouped():
+    layer = act_ordered(4, 32)
     assert layer.kernel is Kernel.W4A16_CPU and layer.perm is not None
     x = torch.randn(5, 256).to(torch.bfloat16)
     torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize()), rtol=2e-2, atol=2e-2)

@@ -8,7 +8,8 @@ from slimserve.kernels import w8a16
 from slimserve.quant import qlinear
 from slimserve.quant.qlinear import W8A16_MAX_ROWS, Kernel, QuantLinear
 from slimserve.models import opaque
-from slimserve.quant.rtn import dequantize_weight, quantize_weight
+from slimserve.quant.rtn import dequantize_weight
+from test_w4a16 import act_ordered  # a layer with a random act-order g_idx
 
 needs_kernel = pytest.mark.skipif(not w8a16.available(), reason="no AVX512-BF16 CPU or no C++ compiler here")
 
@@ -145,12 +146,7 @@ def test_grouped_layers_match_the_reference_kernel(group_size, sym, rows):
 
 @needs_kernel
 def test_grouped_layers_keep_act_order_and_round_trip_their_state():
-    torch.manual_seed(0)
-    linear = nn.Linear(256, 64, bias=False).to(torch.bfloat16)
-    q, scales, zeros = quantize_weight(linear.weight.detach(), 8, 64, sym=False)
-    g_idx = torch.randperm(256, generator=torch.Generator().manual_seed(0)) // 64
-    layer = QuantLinear.from_linear(linear, QuantConfig(bits=8, group_size=64, sym=False), q,
-                                    scales.to(torch.bfloat16), zeros, g_idx)
+    layer = act_ordered(8, 64)
     assert layer.kernel is Kernel.INT8_GROUPED_CPU and layer.perm is not None
     x = torch.randn(5, 256).to(torch.bfloat16)
     torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize()), rtol=2e-2, atol=2e-2)
