@@ -2,6 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._inductor import config
+from torch._inductor.utils import run_and_get_code
 
 from slimserve.config import QuantConfig
 from slimserve.kernels import w8a16
@@ -42,13 +44,13 @@ def test_matches_the_torch_reference(rows, out_features, in_features):
 def test_refuses_what_its_layout_cannot_take():
     x, weight, scales = operands(2, 8, 48)
     assert not w8a16.takes(weight, scales)
-    with pytest.raises(ValueError, match="groups of a multiple of 32 columns, got 48 columns in 1 groups"):
+    with pytest.raises(RuntimeError, match="groups of a multiple of 32 columns, got 48 columns in 1 groups"):
         w8a16.w8a16_matmul(x, weight, scales)
     x, weight, scales = operands(2, 8, 64)
     assert w8a16.takes(weight, scales)
     assert not w8a16.takes(weight.t().contiguous().t(), scales)
     assert not w8a16.takes(weight, scales.float())
-    with pytest.raises(ValueError, match="bf16 activations"):
+    with pytest.raises(RuntimeError, match="bf16 activations"):
         w8a16.w8a16_matmul(x.float(), weight, scales)
 
 
@@ -105,7 +107,7 @@ def test_grouped_matches_the_torch_reference(rows, out_features, in_features, nu
 def test_grouped_refuses_what_its_layout_cannot_take():
     x, weight, scales, zeros = grouped_operands(2, 8, 64, 4)  # groups of 16 columns
     assert not w8a16.takes(weight, scales, zeros)
-    with pytest.raises(ValueError, match="groups of a multiple of 32 columns, got 64 columns in 4 groups"):
+    with pytest.raises(RuntimeError, match="groups of a multiple of 32 columns, got 64 columns in 4 groups"):
         w8a16.w8a16_matmul(x, weight, scales, zeros)
     x, weight, scales, zeros = grouped_operands(2, 8, 64, 2)
     assert w8a16.takes(weight, scales, zeros)
@@ -156,13 +158,14 @@ def test_grouped_layers_keep_act_order_and_round_trip_their_state():
 
 
 @needs_kernel
-def test_grouped_layers_run_opaquely_in_compiled_graphs():
-    """The kernel is a ctypes call: a compiled graph calls the layer eagerly (models/opaque.py) at one
-    row as at several, and gets the eager result."""
+def test_grouped_layers_in_compiled_graphs():
+    """One row calls the operator from the graph's C++ wrapper, several rows the layer as an opaque
+    call (models/opaque.py); both give the eager result."""
     layer, _ = grouped_pair(64, sym=False)
     opaque.register(layer)
-    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
-    with torch.no_grad():
+    with torch.no_grad(), config.patch(cpp_wrapper=True):
         for rows in (1, 5):
             x = torch.randn(rows, 128).to(torch.bfloat16)
-            assert torch.equal(compiled(x), layer(x))
+            out, (code, *_) = run_and_get_code(torch.compile(layer, fullgraph=True, dynamic=False), x)
+            assert torch.equal(out, layer(x))
+            assert ("slimserve::w8a16_matmul" if rows == 1 else "slimserve::linear") in code

@@ -1,5 +1,6 @@
 // y (M, N) = x (M, K) @ w (N, K)ᵀ * scale (N): bf16 activations, int8 weights (W8A16), for the few
-// rows of a decode step. Built and called by w8a16.py; AVX512-BF16, OpenMP.
+// rows of a decode step; AVX512-BF16, OpenMP. Built and registered by w8a16.py as the torch operator
+// slimserve::w8a16_matmul (torch's stable C++ API), so compiled graphs call it without Python.
 // With zero points, groups: y = x @ (scale (N, G) * (w + 128 - zero (N, G)))ᵀ per group of K / G
 // columns, the weight rounded to bf16 as torch rounds the dequantized weight (exact before rounding).
 //
@@ -13,9 +14,18 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include <optional>
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
 #include "rows.h"
 
 namespace {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
 
 using slimserve::bf16_to_float;
 using slimserve::float_to_bf16;
@@ -110,17 +120,34 @@ void run(const Args& a, int threads) {
     run<2, Grouped>(a, threads);
 }
 
-}  // namespace
-
-// Returns 0, or 1 when a group's K / G columns are not a multiple of 32 (nothing written). Without
-// zero points G is 1.
-extern "C" int w8a16_matmul(const uint16_t* x, const int8_t* w, const uint16_t* scale, const uint8_t* zero,
-                            uint16_t* y, int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
-  if (G < 1 || K % G != 0 || (K / G) % 32 != 0 || (!zero && G != 1) || M < 1) return 1;
-  Args a{x, w, scale, zero, y, M, N, K, G};
-  if (zero)
+// x (M, K) bf16, w (N, K) int8, scale (N) bf16; or with zero points, scale (N, G) bf16 and zero (N, G) uint8.
+Tensor w8a16_matmul(Tensor x, Tensor w, Tensor scale, std::optional<Tensor> zero) {
+  STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == ScalarType::BFloat16 && x.is_contiguous(),
+                  "w8a16_matmul needs contiguous 2-D bf16 activations");
+  STD_TORCH_CHECK(w.dim() == 2 && w.scalar_type() == ScalarType::Char && w.is_contiguous(),
+                  "w8a16_matmul needs a contiguous 2-D int8 weight");
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  STD_TORCH_CHECK(w.size(1) == K, "w8a16_matmul: the activations have ", K, " columns, the weight ", w.size(1));
+  const int64_t G = zero.has_value() && scale.dim() == 2 ? scale.size(1) : 1;
+  STD_TORCH_CHECK(scale.dim() == (zero.has_value() ? 2 : 1) && scale.size(0) == N &&
+                  scale.scalar_type() == ScalarType::BFloat16 && scale.is_contiguous(),
+                  "w8a16_matmul needs bf16 scales (N), or (N, groups) with zero points");
+  STD_TORCH_CHECK(!zero.has_value() || (zero->sizes().equals(scale.sizes()) && zero->scalar_type() == ScalarType::Byte &&
+                                        zero->is_contiguous()), "w8a16_matmul needs uint8 zeros shaped as the scales");
+  STD_TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 32 == 0, "w8a16_matmul needs groups of a multiple of 32 columns, got ",
+                  K, " columns in ", G, " groups");
+  Tensor y = torch::stable::new_empty(x, {M, N});
+  if (M == 0 || N == 0) return y;
+  Args a{(const uint16_t*)x.data_ptr(), (const int8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(),
+         zero.has_value() ? (const uint8_t*)zero->data_ptr() : nullptr, (uint16_t*)y.data_ptr(), M, N, K, G};
+  const int threads = torch::stable::get_num_threads();
+  if (zero.has_value())
     run<true>(a, threads);
   else
     run<false>(a, threads);
-  return 0;
+  return y;
 }
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(slimserve, CPU, m) { m.impl("w8a16_matmul", TORCH_BOX(&w8a16_matmul)); }

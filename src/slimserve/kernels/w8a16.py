@@ -10,11 +10,11 @@ and oneDNN's bf16 GEMM 8.7 and 10.1; engine figures in benchmarks/results/quant_
 With zero points and groups (8-bit asymmetric or grouped layouts), each 32 weights are dequantized
 to bf16 as they are widened, scale * (q - zero), rounded as torch rounds the dequantized weight.
 
-Built on first use by kernels/native.py; where it cannot be (no AVX512-BF16, no compiler),
-`available()` is False and callers keep torch's kernel. w8a16_reference is the torch oracle.
+The operator slimserve::w8a16_matmul is registered from C++ through torch's stable API, so a compiled
+graph's C++ wrapper calls it without Python. Built on first use by kernels/native.py; where it cannot
+be (no AVX512-BF16, no compiler, torch before 2.13), `available()` is False and callers keep torch's
+kernel (grouped layers: the reference path). w8a16_reference is the torch oracle.
 """
-
-import ctypes
 
 import torch
 from torch import Tensor
@@ -23,15 +23,13 @@ from slimserve.kernels import native
 from slimserve.quant.rtn import dequantize_weight
 
 K_MULTIPLE = 32  # in_features (and a group's columns) must be a multiple: the kernel reads 32 weights at a time
-ARGTYPES = (ctypes.c_void_p,) * 5 + (ctypes.c_int64,) * 4 + (ctypes.c_int,)
 
-
-def _kernel():
-    return native.load("w8a16.cpp", "w8a16_matmul", ("-mavx512bf16",), frozenset({"avx512_bf16"}), ARGTYPES)
+native.define_operator("w8a16_matmul(Tensor x, Tensor w, Tensor scale, Tensor? zero=None) -> Tensor",
+                       lambda x, w, scale, zero=None: x.new_empty(x.shape[0], w.shape[0]))
 
 
 def available() -> bool:
-    return _kernel() is not None
+    return native.load_operators("w8a16.cpp", ("-mavx512bf16",), frozenset({"avx512_bf16"}))
 
 
 def takes(weight: Tensor, scales: Tensor, zeros: Tensor | None = None) -> bool:
@@ -52,18 +50,9 @@ def takes(weight: Tensor, scales: Tensor, zeros: Tensor | None = None) -> bool:
 def w8a16_matmul(x: Tensor, weight: Tensor, scales: Tensor, zeros: Tensor | None = None) -> Tensor:
     """x (rows, in) bf16 @ weight (out, in) int8ᵀ * scales (out,) bf16 -> (rows, out) bf16, products
     summed in fp32; with zeros, x @ dequantize_weight(weight + 128, scales, zeros)ᵀ for scales and uint8
-    zeros (out, groups). For a weight, scales and zeros that takes() accepts."""
-    if x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous():
-        raise ValueError(f"w8a16_matmul needs contiguous 2-D bf16 activations, got {x.dtype} {tuple(x.shape)}")
-    rows, out = x.shape[0], weight.shape[0]
-    num_groups = 1 if zeros is None else scales.shape[1]
-    y = torch.empty(rows, out, dtype=torch.bfloat16)
-    failed = _kernel()(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
-                       y.data_ptr(), rows, out, x.shape[1], num_groups, torch.get_num_threads())
-    if failed:
-        raise ValueError(f"w8a16_matmul needs groups of a multiple of {K_MULTIPLE} columns, got {x.shape[1]} "
-                         f"columns in {num_groups} groups")
-    return y
+    zeros (out, groups). For a weight, scales and zeros that takes() accepts; anything else raises a
+    RuntimeError naming the operand."""
+    return torch.ops.slimserve.w8a16_matmul(x, weight, scales, zeros)
 
 
 def w8a16_reference(x: Tensor, weight: Tensor, scales: Tensor, zeros: Tensor | None = None) -> Tensor:

@@ -9,7 +9,7 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
 - INT8_GROUPED_CPU: 8-bit weights in groups or with zero points (asymmetric 8-bit, or groups of
   symmetric ones like llama.cpp's Q8_0), bf16 activations: kernels/w8a16.cpp, which dequantizes each
   32 weights to bf16 as it widens them (rounded as REF rounds the weight), where it builds and the
-  groups are a multiple of 32 columns. Compiled graphs call it opaquely at every row count.
+  groups are a multiple of 32 columns.
 - W4A16_CPU: 4-bit weights, any group size, bf16 activations: kernels/w4a16.cpp on the weight in
   w4a8.cpp's order, at every row count and inside compiled graphs, where it builds (AVX512-BF16, a
   C++ compiler, torch 2.13+; out % 16 == 0, groups of a multiple of 8 columns); past 256 rows it
@@ -394,8 +394,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != self.dtype:
             raise ValueError(f"input dtype {x.dtype} does not match the layer's dtype {self.dtype}")
-        one_row_traced = x.numel() == self.in_features and self.kernel is not Kernel.INT8_GROUPED_CPU
-        if torch.compiler.is_compiling() and self.kernel in OPAQUE_KERNELS and not one_row_traced:
+        if torch.compiler.is_compiling() and self.kernel in OPAQUE_KERNELS and x.numel() > self.in_features:
             return opaque.linear(x, self.opaque_handle)
         x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
