@@ -125,7 +125,8 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
                      f"weights that meet the largest activations as coarsely as the rest. GPTQ at 8 bits per channel "
                      f"({gptq:+.2f} %) keeps the same layout, and so the packed int8 kernel, and corrects that error "
                      f"from the calibration Hessian. Asymmetric groups of {group} ({grouped:+.2f} %) need no "
-                     "calibration and run the same kernel (w8a16.cpp), which dequantizes each 32 weights as it reads them.")
+                     "calibration and run the same kernel (w8a16.cpp), which dequantizes each 32 weights as it "
+                     "reads them.")
     if 0.3 <= gptq and head_bf16 < gptq:
         found.append(f"W8A16 GPTQ misses 0.3 % by {gptq - 0.3:.2f} points; with lm_head left in bf16 the same GPTQ "
                      f"gives {head_bf16:+.2f} %, so the 8-bit head costs the difference"

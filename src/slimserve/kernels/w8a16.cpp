@@ -132,10 +132,11 @@ Tensor w8a16_matmul(Tensor x, Tensor w, Tensor scale, std::optional<Tensor> zero
   STD_TORCH_CHECK(scale.dim() == (zero.has_value() ? 2 : 1) && scale.size(0) == N &&
                   scale.scalar_type() == ScalarType::BFloat16 && scale.is_contiguous(),
                   "w8a16_matmul needs bf16 scales (N), or (N, groups) with zero points");
-  STD_TORCH_CHECK(!zero.has_value() || (zero->sizes().equals(scale.sizes()) && zero->scalar_type() == ScalarType::Byte &&
-                                        zero->is_contiguous()), "w8a16_matmul needs uint8 zeros shaped as the scales");
-  STD_TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 32 == 0, "w8a16_matmul needs groups of a multiple of 32 columns, got ",
-                  K, " columns in ", G, " groups");
+  STD_TORCH_CHECK(!zero.has_value() || (zero->sizes().equals(scale.sizes()) &&
+                                        zero->scalar_type() == ScalarType::Byte && zero->is_contiguous()),
+                  "w8a16_matmul needs uint8 zeros shaped as the scales");
+  STD_TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 32 == 0,
+                  "w8a16_matmul needs groups of a multiple of 32 columns, got ", K, " columns in ", G, " groups");
   Tensor y = torch::stable::new_empty(x, {M, N});
   if (M == 0 || N == 0) return y;
   Args a{(const uint16_t*)x.data_ptr(), (const int8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(),

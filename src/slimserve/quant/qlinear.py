@@ -41,9 +41,9 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
   be built, odd groups, fp32/fp16 activations, every non-CPU device (CUDA for now).
 
 INT8_CPU, INT8_GROUPED_CPU and INT4_CPU run their packed kernel up to PACKED_CPU_MAX_ROWS rows
-(decode; W8A16_MAX_ROWS for w8a16.cpp); one row of INT8_CPU inside a compiled graph runs kernels.gemv on the same int8 weight
-instead; for more rows (prefill) they dequantize the weight to bf16 and run a bf16 GEMM. Both are weight-only:
-activations stay in bf16.
+(decode; W8A16_MAX_ROWS for INT8_CPU's w8a16.cpp); one row of INT8_CPU inside a compiled graph runs
+kernels.gemv on the same int8 weight instead; for more rows (prefill) they dequantize the weight to
+bf16 and run a bf16 GEMM. All are weight-only: activations stay in bf16.
 
 Whatever the kernel, state_dict holds the portable form: qweight (out, in * bits / 8) uint8 packed
 along `in` (packing.pack_bits), scales (rows, num_groups) in the compute dtype, zeros
@@ -431,8 +431,11 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def packed_max_rows(self) -> int:
-        """The most rows the layer's packed CPU kernel (INT8_CPU, INT8_GROUPED_CPU, INT4_CPU) takes at once."""
-        return W8A16_MAX_ROWS if self.kernel is Kernel.INT8_CPU and self.uses_w8a16 else PACKED_CPU_MAX_ROWS[self.kernel]
+        """The most rows the layer's packed CPU kernel (INT8_CPU, INT8_GROUPED_CPU, INT4_CPU) takes at
+        once."""
+        if self.kernel is Kernel.INT8_CPU and self.uses_w8a16:
+            return W8A16_MAX_ROWS
+        return PACKED_CPU_MAX_ROWS[self.kernel]
 
     def _dequantized_mm(self, x2: Tensor) -> Tensor:
         """x2 @ W.T through the weight dequantized to the compute dtype, for the packed CPU kernels."""
