@@ -26,6 +26,7 @@ def test_defaults_are_4bit_g128_symmetric_rtn():
         ({"act_bits": 8, "bits": 8, "group_size": 64}, "act_bits=8 .* group_size=64"),
         ({"modules": {"lm_head": {"bitz": 8}}}, r"modules\['lm_head'\] has unknown fields \['bitz'\]"),
         ({"modules": {"lm_head": {"bits": 12}}}, "bits must be between 2 and 8, got 12"),
+        ({"method": "awq", "mse": True}, "mse searches RTN's and GPTQ's ranges; awq has its own"),
     ],
 )
 def test_bad_values_name_field_and_value(kwargs, message):

@@ -37,3 +37,10 @@ def test_group_size_not_dividing_in_features_is_refused(tmp_path):
     result = CliRunner().invoke(app, ["quantize", "smollm2-135m", "--group-size", "128", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "group_size 128 does not divide in_features 576" in result.output
+
+
+def test_mse_reaches_the_config(tmp_path):
+    """--mse is QuantConfig.mse: refused with AWQ, whose clip search is its own."""
+    result = CliRunner().invoke(app, ["quantize", "smollm2-135m", "--method", "awq", "--mse", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "mse searches RTN's and GPTQ's ranges; awq has its own" in result.output

@@ -73,6 +73,27 @@ def test_asymmetric_scale_spans_group_range_including_zero():
     assert ((-zeros.float() * scales - low).abs() <= scales / 2 + 1e-7).all()
 
 
+def row_errors(w: torch.Tensor, quantized: tuple, group_size: int) -> torch.Tensor:
+    """Σ |w - dequantized|^2.4 per scale's row (rtn.py's mse objective)."""
+    error = (w - dequantize_weight(*quantized)).abs().pow(2.4)
+    return error.reshape(-1, group_size).sum(-1) if group_size > 0 else error.sum(-1)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("bits, group_size", [(3, 32), (4, 128), (8, -1), (2, -1)])
+def test_mse_ranges_err_less_than_min_max(bits, group_size, sym):
+    """The searched range never errs more than min-max (shrink 1 is a candidate) and errs less over
+    the whole weight, by clipping: no step is coarser than min-max's, some are finer."""
+    w = weight()
+    plain = quantize_weight(w, bits, group_size, sym)
+    searched = quantize_weight(w, bits, group_size, sym, mse=True)
+    plain_error, searched_error = row_errors(w, plain, group_size), row_errors(w, searched, group_size)
+    assert (searched_error <= plain_error).all() and searched_error.sum() < plain_error.sum()
+    assert int(searched[0].max()) <= 2**bits - 1 and searched[2].dtype == torch.uint8
+    assert (searched[1] <= plain[1]).all() and (searched[1] < plain[1]).any()
+    assert (dequantize_weight(*searched)[7] == 0).all()
+
+
 def test_groups_are_independent():
     w = weight()
     w2 = w.clone()

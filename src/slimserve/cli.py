@@ -99,6 +99,8 @@ def quantize(
     sym: Annotated[bool, typer.Option("--sym/--asym")] = _QUANT.sym,
     act_order: bool = _QUANT.act_order,
     awq_clip: Annotated[bool, typer.Option(help="AWQ: search each group's clipping range.")] = _QUANT.awq_clip,
+    mse: Annotated[bool, typer.Option(help="RTN, GPTQ, SmoothQuant: search each scale's range for the least "
+                                           "error instead of min-max (slower; better at 3 bits).")] = _QUANT.mse,
     act_bits: Annotated[int | None, typer.Option(
         help="8: int8 activations at run time, per token with 8-bit weights (W8A8), per weight group with "
              "4-bit weights (W4A8); smoothquant's default, else none.")] = None,
@@ -115,7 +117,7 @@ def quantize(
         act_bits = 8  # smoothing moves outliers from activations into weights for int8 activations
     try:
         config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                             awq_clip=awq_clip, act_bits=act_bits, num_calib_samples=num_calib_samples,
+                             awq_clip=awq_clip, mse=mse, act_bits=act_bits, num_calib_samples=num_calib_samples,
                              calib_seq_len=calib_seq_len)
         result = run_quantize(model, config, out, calib_dataset=calib, format=format)
     except (ValueError, FileNotFoundError) as e:

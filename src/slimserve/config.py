@@ -30,6 +30,7 @@ class QuantConfig:
     static_groups: bool = False  # GPTQ: group scales fixed before act-order, g_idx stays trivial
     damp_percent: float = 0.01
     awq_clip: bool = True  # AWQ: search each group's clipping range after scaling (AutoAWQ's apply_clip)
+    mse: bool = False  # RTN, GPTQ, SmoothQuant: search each scale's range (rtn.py), not min-max
     block_size: int = 128  # GPTQ lazy-update block width (columns)
     num_calib_samples: int = 128
     calib_seq_len: int = 2048
@@ -46,6 +47,8 @@ class QuantConfig:
                 f"group_size must be -1 (per channel), 0 (per tensor) or positive, got {self.group_size}"
             )
         check_act_bits(self.act_bits, self.bits, self.sym, self.group_size)
+        if self.mse and self.method in ("awq", "qat"):
+            raise ValueError(f"mse searches RTN's and GPTQ's ranges; {self.method} has its own (awq_clip for AWQ)")
         if not 0 < self.damp_percent <= 1:
             raise ValueError(f"damp_percent must be in (0, 1], got {self.damp_percent}")
         for name in ("block_size", "num_calib_samples", "calib_seq_len"):

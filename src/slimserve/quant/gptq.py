@@ -60,6 +60,7 @@ class GPTQ:
         static_groups: bool = False,
         damp_percent: float = 0.01,
         block_size: int = 128,
+        mse: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """-> q (out, in) uint8, scales (rows, num_groups) float32, zeros uint8, g_idx (in,) int32.
 
@@ -68,7 +69,8 @@ class GPTQ:
         if self.num_samples == 0:
             raise ValueError("GPTQ has no calibration samples: add_batch() was never given any tokens")
         return gptq_quantize_weight(
-            self.layer.weight, self.hessian, bits, group_size, sym, act_order, static_groups, damp_percent, block_size
+            self.layer.weight, self.hessian, bits, group_size, sym, act_order, static_groups, damp_percent, block_size,
+            mse,
         )
 
 
@@ -82,8 +84,10 @@ def gptq_quantize_weight(
     static_groups: bool = False,
     damp_percent: float = 0.01,
     block_size: int = 128,
+    mse: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """GPTQ for weight (out, in) given the Hessian (in, in) of its inputs; returns as GPTQ.quantize."""
+    """GPTQ for weight (out, in) given the Hessian (in, in) of its inputs; returns as GPTQ.quantize.
+    mse: each scale's range searched as rtn.compute_scales does."""
     check_bits(bits)
     out_features, in_features = weight.shape
     check_group_size(group_size, in_features)
@@ -99,10 +103,10 @@ def gptq_quantize_weight(
 
     fixed: list[tuple[Tensor, Tensor]] = []  # per group, computed before any update
     if group_size <= 0:
-        fixed.append(compute_scales(W if group_size == -1 else W.reshape(1, -1), bits, sym))
+        fixed.append(compute_scales(W if group_size == -1 else W.reshape(1, -1), bits, sym, mse))
     elif static_groups:
         for start in range(0, in_features, group_size):
-            fixed.append(compute_scales(W[:, start : start + group_size], bits, sym))
+            fixed.append(compute_scales(W[:, start : start + group_size], bits, sym, mse))
     perm = torch.arange(in_features, device=W.device)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
@@ -130,7 +134,7 @@ def gptq_quantize_weight(
                 scales, zeros = fixed[group_of[col]]
             elif group_size > 0 and col % group_size == 0:
                 # This block's columns are up to date in WT; later blocks lack its lazy update.
-                scales, zeros = compute_scales(WT[col : col + group_size].t(), bits, sym)
+                scales, zeros = compute_scales(WT[col : col + group_size].t(), bits, sym, mse)
                 found.append((scales, zeros))
             s, z = scales[:, 0], zeros[:, 0]
             w, q, err = WT[col], QT[col], delta[i]
@@ -339,6 +343,7 @@ def _quantize_stacked(linears: list[nn.Linear], collector: GPTQ, config: QuantCo
         config.static_groups,
         config.damp_percent,
         config.block_size,
+        config.mse,
     )
     sizes = [linear.out_features for linear in linears]
     parts = zip(linears, q.split(sizes), scales.split(sizes), zeros.split(sizes))

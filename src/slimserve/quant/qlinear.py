@@ -201,7 +201,7 @@ class QuantLinear(nn.Module):
             device="meta",
         )
         if q is None:
-            q, scales, zeros = quantize_weight(weight, config.bits, config.group_size, config.sym)
+            q, scales, zeros = quantize_weight(weight, config.bits, config.group_size, config.sym, config.mse)
         bias = None if linear.bias is None else linear.bias.detach()
         module.set_quantized(q, scales.to(weight.dtype), zeros, g_idx, bias)
         return module
