@@ -9,7 +9,6 @@ from slimserve.config import QuantConfig
 from slimserve.kernels import w8a16
 from slimserve.quant import qlinear
 from slimserve.quant.qlinear import W8A16_MAX_ROWS, Kernel, QuantLinear
-from slimserve.models import opaque
 from slimserve.quant.rtn import dequantize_weight
 from test_w4a16 import act_ordered  # a layer with a random act-order g_idx
 
@@ -115,7 +114,7 @@ def test_grouped_refuses_what_its_layout_cannot_take():
     assert not w8a16.takes(weight, scales, zeros.to(torch.int8))
 
 
-GROUPED_MAX_ROWS = qlinear.PACKED_CPU_MAX_ROWS[Kernel.INT8_GROUPED_CPU]
+GEMM_ROWS = 128  # w8a16.cpp's switch to the dequantized weight's GEMM
 # (group_size, sym): asymmetric per channel, per tensor and in groups; symmetric groups (llama.cpp's Q8_0 layout)
 GROUPED_SCHEMES = [(-1, False), (0, False), (64, False), (32, True)]
 
@@ -133,14 +132,15 @@ def grouped_pair(group_size, sym, in_features=128, out_features=48):
 
 @needs_kernel
 @pytest.mark.parametrize("group_size,sym", GROUPED_SCHEMES)
-@pytest.mark.parametrize("rows", [1, 7, GROUPED_MAX_ROWS, GROUPED_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 7, GEMM_ROWS, GEMM_ROWS + 1])
 def test_grouped_layers_match_the_reference_kernel(group_size, sym, rows):
-    """Up to its row limit the kernel; past it the weight dequantized as REF dequantizes it, for a bf16 GEMM."""
+    """Up to GEMM_ROWS the dot products; past it the weight dequantized in C++ as REF dequantizes it,
+    for torch's bf16 matmul."""
     layer, reference = grouped_pair(group_size, sym)
     assert layer.kernel is Kernel.INT8_GROUPED_CPU and reference.kernel is Kernel.REF
     x = torch.randn(rows, 128).to(torch.bfloat16)
-    expected = F.linear(x, dequantize_weight(*layer.quantized()[:3]).to(torch.bfloat16)) + layer.bias
-    if rows > GROUPED_MAX_ROWS:
+    expected = x @ dequantize_weight(*layer.quantized()[:3]).to(torch.bfloat16).t() + layer.bias
+    if rows > GEMM_ROWS:
         assert torch.equal(layer(x), expected)
     torch.testing.assert_close(layer(x), expected, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(layer(x).float(), reference(x.float()), rtol=2e-2, atol=2e-2)
@@ -159,13 +159,11 @@ def test_grouped_layers_keep_act_order_and_round_trip_their_state():
 
 @needs_kernel
 def test_grouped_layers_in_compiled_graphs():
-    """One row calls the operator from the graph's C++ wrapper, several rows the layer as an opaque
-    call (models/opaque.py); both give the eager result."""
+    """The graph's C++ wrapper calls the operator at any row count, with the eager result."""
     layer, _ = grouped_pair(64, sym=False)
-    opaque.register(layer)
     with torch.no_grad(), config.patch(cpp_wrapper=True):
-        for rows in (1, 5):
+        for rows in (1, 5, GEMM_ROWS + 1):
             x = torch.randn(rows, 128).to(torch.bfloat16)
             out, (code, *_) = run_and_get_code(torch.compile(layer, fullgraph=True, dynamic=False), x)
             assert torch.equal(out, layer(x))
-            assert ("slimserve::w8a16_matmul" if rows == 1 else "slimserve::linear") in code
+            assert "slimserve::w8a16_matmul" in code and "slimserve::linear" not in code

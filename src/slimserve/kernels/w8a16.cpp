@@ -2,7 +2,8 @@
 // rows of a decode step; AVX512-BF16, OpenMP. Built and registered by w8a16.py as the torch operator
 // slimserve::w8a16_matmul (torch's stable C++ API), so compiled graphs call it without Python.
 // With zero points, groups: y = x @ (scale (N, G) * (w + 128 - zero (N, G)))ᵀ per group of K / G
-// columns, the weight rounded to bf16 as torch rounds the dequantized weight (exact before rounding).
+// columns, the weight rounded to bf16 as torch rounds the dequantized weight (exact before rounding);
+// past GEMM_ROWS rows (a prefill) that weight is dequantized here and multiplied by torch's matmul.
 //
 // Each thread takes blocks of R adjacent weight rows (contiguous in memory), widens 32 weights at a
 // time to bf16 (exact: an int8 has at most 8 significant bits) and multiplies them with up to 8
@@ -32,6 +33,11 @@ using slimserve::float_to_bf16;
 
 constexpr int64_t PREFETCH_BYTES = 2048;
 constexpr int MAX_CHUNK = 8;  // activation rows per pass: MAX_CHUNK x R accumulators in registers
+// More rows than this with zero points: the weight dequantized to bf16 once and multiplied by torch's
+// bf16 GEMM (oneDNN), which the dot products below, widening the weight again for every 8 rows, trail:
+// SmolLM2's 121 layers in groups of 32, 102 ms at 128 rows, where the GEMM takes 44 and dequantizing
+// about 50 (213 at 512 rows, 430 with the dot products; benchmarks/results/quant_kernels_cpu.md).
+constexpr int64_t GEMM_ROWS = 128;
 
 // 32 int8 weights -> 32 bf16, in order.
 inline __m512bh widen(const int8_t* p) {
@@ -120,6 +126,19 @@ void run(const Args& a, int threads) {
     run<2, Grouped>(a, threads);
 }
 
+// The grouped weight (a.zero) as (N, K) bf16 into out, each value rounded as block() rounds it.
+void dequantize(const Args& a, uint16_t* out, int threads) {
+  const int64_t group = a.K / a.G;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t n = 0; n < a.N; ++n)
+    for (int64_t g = 0; g < a.G; ++g) {
+      const float s = bf16_to_float(a.scale[n * a.G + g]);
+      const __m512 scale = _mm512_set1_ps(s), offset = _mm512_set1_ps(-s * (float)(a.zero[n * a.G + g] - 128));
+      for (int64_t k = g * group; k < (g + 1) * group; k += 32)
+        _mm512_storeu_si512(out + n * a.K + k, (__m512i)widen(a.w + n * a.K + k, scale, offset));
+    }
+}
+
 // x (M, K) bf16, w (N, K) int8, scale (N) bf16; or with zero points, scale (N, G) bf16 and zero (N, G) uint8.
 Tensor w8a16_matmul(Tensor x, Tensor w, Tensor scale, std::optional<Tensor> zero) {
   STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == ScalarType::BFloat16 && x.is_contiguous(),
@@ -137,11 +156,17 @@ Tensor w8a16_matmul(Tensor x, Tensor w, Tensor scale, std::optional<Tensor> zero
                   "w8a16_matmul needs uint8 zeros shaped as the scales");
   STD_TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 32 == 0,
                   "w8a16_matmul needs groups of a multiple of 32 columns, got ", K, " columns in ", G, " groups");
+  Args a{(const uint16_t*)x.data_ptr(), (const int8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(),
+         zero.has_value() ? (const uint8_t*)zero->data_ptr() : nullptr, nullptr, M, N, K, G};
+  const int threads = torch::stable::get_num_threads();
+  if (zero.has_value() && M > GEMM_ROWS) {
+    Tensor weight = torch::stable::new_empty(x, {N, K});
+    dequantize(a, (uint16_t*)weight.data_ptr(), threads);
+    return torch::stable::matmul(x, torch::stable::transpose(weight, 0, 1));
+  }
   Tensor y = torch::stable::new_empty(x, {M, N});
   if (M == 0 || N == 0) return y;
-  Args a{(const uint16_t*)x.data_ptr(), (const int8_t*)w.data_ptr(), (const uint16_t*)scale.data_ptr(),
-         zero.has_value() ? (const uint8_t*)zero->data_ptr() : nullptr, (uint16_t*)y.data_ptr(), M, N, K, G};
-  const int threads = torch::stable::get_num_threads();
+  a.y = (uint16_t*)y.data_ptr();
   if (zero.has_value())
     run<true>(a, threads);
   else

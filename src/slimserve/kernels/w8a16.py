@@ -8,7 +8,8 @@ quant_kernels_cpu.md): 4.4 ms at 1 row and 5.5 at 8, where torch's int8 kernel t
 and oneDNN's bf16 GEMM 8.7 and 10.1; engine figures in benchmarks/results/quant_speed_cpu.md.
 
 With zero points and groups (8-bit asymmetric or grouped layouts), each 32 weights are dequantized
-to bf16 as they are widened, scale * (q - zero), rounded as torch rounds the dequantized weight.
+to bf16 as they are widened, scale * (q - zero), rounded as torch rounds the dequantized weight; past
+128 rows (a prefill) the operator dequantizes the whole weight so, once, and calls torch's bf16 matmul.
 
 The operator slimserve::w8a16_matmul is registered from C++ through torch's stable API, so a compiled
 graph's C++ wrapper calls it without Python. Built on first use by kernels/native.py; where it cannot

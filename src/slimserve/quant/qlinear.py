@@ -8,8 +8,9 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
   torch 2.13+), else aten._weight_int8pack_mm.
 - INT8_GROUPED_CPU: 8-bit weights in groups or with zero points (asymmetric 8-bit, or groups of
   symmetric ones like llama.cpp's Q8_0), bf16 activations: kernels/w8a16.cpp, which dequantizes each
-  32 weights to bf16 as it widens them (rounded as REF rounds the weight), where it builds and the
-  groups are a multiple of 32 columns.
+  32 weights to bf16 as it widens them (rounded as REF rounds the weight), at every row count and
+  inside compiled graphs, where it builds and the groups are a multiple of 32 columns; past 128 rows
+  it dequantizes the whole weight in C++ for torch's matmul.
 - W4A16_CPU: 4-bit weights, any group size, bf16 activations: kernels/w4a16.cpp on the weight in
   w4a8.cpp's order, at every row count and inside compiled graphs, where it builds (AVX512-BF16, a
   C++ compiler, torch 2.13+; out % 16 == 0, groups of a multiple of 8 columns); past 256 rows it
@@ -40,7 +41,7 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
 - REF: dequantize, then F.linear: 3/2-bit, grouped or asymmetric 8-bit where the C++ kernels cannot
   be built, odd groups, fp32/fp16 activations, every non-CPU device (CUDA for now).
 
-INT8_CPU, INT8_GROUPED_CPU and INT4_CPU run their packed kernel up to PACKED_CPU_MAX_ROWS rows
+INT8_CPU and INT4_CPU run their packed kernel up to PACKED_CPU_MAX_ROWS rows
 (decode; W8A16_MAX_ROWS for INT8_CPU's w8a16.cpp); one row of INT8_CPU inside a compiled graph runs
 kernels.gemv on the same int8 weight instead; for more rows (prefill) they dequantize the weight to
 bf16 and run a bf16 GEMM. All are weight-only: activations stay in bf16.
@@ -118,15 +119,12 @@ class Kernel(Enum):
 # 96 rows on the same shapes (121 layers: 83 vs 94 ms at 64 rows, 125-127 vs 122-127 at 96, 161-165
 # vs 148-158 at 128; benchmarks/quant_kernels_cpu.py).
 W8A16_MAX_ROWS = 96
-# INT8_GROUPED_CPU's weight is dequantized in torch (several fp32 passes), far dearer than the int8
-# weight's conversion: 121 layers in groups of 32, kernel vs dequantized + GEMM, 101 vs 231 ms at 128
-# rows, 430 vs 360 at 512 (quant_kernels_cpu.md), so the kernel runs up to about 384 rows.
-PACKED_CPU_MAX_ROWS = {Kernel.INT8_CPU: 8, Kernel.INT4_CPU: 48, Kernel.INT8_GROUPED_CPU: 384}
+PACKED_CPU_MAX_ROWS = {Kernel.INT8_CPU: 8, Kernel.INT4_CPU: 48}
 # In a compiled graph, several rows of these kernels run as opaque calls (models/opaque.py): the
 # switch to a dequantized GEMM above depends on the row count, and inductor lowers int4's kernel
 # to a slower one. W8A8 and REF are traced: their extra operations fuse (W8A8_CPU calls only its
 # prepacked integer product opaquely).
-OPAQUE_KERNELS = (Kernel.INT8_CPU, Kernel.INT4_CPU, Kernel.INT8_GROUPED_CPU)
+OPAQUE_KERNELS = (Kernel.INT8_CPU, Kernel.INT4_CPU)
 
 
 class QuantLinear(nn.Module):
@@ -431,8 +429,7 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def packed_max_rows(self) -> int:
-        """The most rows the layer's packed CPU kernel (INT8_CPU, INT8_GROUPED_CPU, INT4_CPU) takes at
-        once."""
+        """The most rows the layer's packed CPU kernel (INT8_CPU, INT4_CPU) takes at once."""
         if self.kernel is Kernel.INT8_CPU and self.uses_w8a16:
             return W8A16_MAX_ROWS
         return PACKED_CPU_MAX_ROWS[self.kernel]
@@ -441,9 +438,6 @@ class QuantLinear(nn.Module):
         """x2 @ W.T through the weight dequantized to the compute dtype, for the packed CPU kernels."""
         if self.kernel is Kernel.INT8_CPU:  # q - 128 is exact in bf16; the scale is per output
             return F.linear(x2, self.qweight.to(self.dtype)) * self.scales
-        if self.kernel is Kernel.INT8_GROUPED_CPU:  # the columns in the layer's order, rounded as REF rounds them
-            q = self.qweight.to(torch.int16) + 128
-            return F.linear(x2, dequantize_weight(q, self.scales, self.zeros).to(self.dtype))
         q_t = unpack_int4_cpu(self.qweight, self.out_features, self.in_features).t()  # (in, out)
         num_kernel_groups = self.scales_and_zeros.shape[0]
         # contiguous (groups, 1, out) factors, so the broadcast along each group's rows vectorizes
