@@ -57,24 +57,18 @@ def compute_scales(rows: Tensor, bits: int, sym: bool, mse: bool = False) -> tup
     empty = xmax == xmin
     xmin = torch.where(empty, -1.0, xmin)
     xmax = torch.where(empty, 1.0, xmax)
-    scales, zeros = _grid(xmin, xmax, bits, sym)
     if not mse:
-        return scales, zeros
+        return _grid(xmin, xmax, bits, sym)
+    shrink = torch.tensor([1 - step / MSE_GRID for step in range(MSE_STEPS)], device=rows.device)[:, None, None]
+    scales, zeros = _grid(shrink * xmin, shrink * xmax, bits, sym)  # (MSE_STEPS, R, 1) each
     scratch = torch.empty_like(rows)
-    best = _error(rows, scales, zeros, bits, scratch)
-    for step in range(1, MSE_STEPS):
-        shrink = 1 - step / MSE_GRID
-        candidate_scales, candidate_zeros = _grid(shrink * xmin, shrink * xmax, bits, sym)
-        error = _error(rows, candidate_scales, candidate_zeros, bits, scratch)
-        better = error < best
-        best = torch.where(better, error, best)
-        scales = torch.where(better, candidate_scales, scales)
-        zeros = torch.where(better, candidate_zeros, zeros)
-    return scales, zeros
+    errors = torch.stack([_error(rows, s, z, bits, scratch) for s, z in zip(scales, zeros)])
+    best = errors.argmin(dim=0, keepdim=True)  # the first minimum: a tie keeps the wider range
+    return scales.gather(0, best)[0], zeros.gather(0, best)[0]
 
 
 def _grid(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
-    """Scales and zero points for the ranges [xmin, xmax] (R, 1), xmin <= 0 <= xmax, xmin < xmax."""
+    """Scales and zero points for the ranges [xmin, xmax] (..., R, 1), xmin <= 0 <= xmax, xmin < xmax."""
     scales = round_up_to_bfloat16((xmax - xmin) / (2**bits - 1))
     if sym:
         return scales, torch.full_like(scales, float(2 ** (bits - 1)))
