@@ -6,7 +6,7 @@ in a decode step. Time of one pass over all 121 layers at each row count, best o
 - W8A16 (bf16 activations): oneDNN's bf16 GEMM on its prepacked bf16 weight (the bf16 model),
   torch's `_weight_int8pack_mm`, the int8 weight dequantized to bf16 + GEMM, and kernels/w8a16.cpp;
 - 8-bit weights in groups of 32 with zero points (bf16 activations): kernels/w8a16.cpp dequantizing
-  each 32 weights as it widens them (INT8_GROUPED_CPU; past 128 rows the whole weight, in C++, for a
+  each 32 weights as it widens them (INT8_GROUPED_CPU; past 48 rows the whole weight, in C++, for a
   bf16 GEMM), and the weight dequantized in torch + bf16 GEMM (what such layers ran before);
 - W8A8 (uint8 activations, the integer product only): oneDNN's prepacked u8 x s8 GEMM and
   kernels/w8a8.cpp;

@@ -152,7 +152,7 @@ def main() -> None:
         "",
         "Kernels: bf16 layers run oneDNN matmuls; int8 W8A16 layers run "
         + (f"slimserve's `kernels/w8a16.cpp` up to {W8A16_MAX_ROWS} rows (grouped asymmetric ones too, "
-           "dequantizing each 32 weights as it widens them, up to 128 rows, then the whole weight in C++)"
+           "dequantizing each 32 weights as it widens them, up to 48 rows, then the whole weight in C++)"
            if w8a16.available() else
            f"`_weight_int8pack_mm` up to {PACKED_CPU_MAX_ROWS[Kernel.INT8_CPU]} rows")
         + ", above that the weight dequantized to bf16 and a bf16 GEMM; int4 and int3 layers (3-bit integers "

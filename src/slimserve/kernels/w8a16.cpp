@@ -34,10 +34,10 @@ using slimserve::float_to_bf16;
 constexpr int64_t PREFETCH_BYTES = 2048;
 constexpr int MAX_CHUNK = 8;  // activation rows per pass: MAX_CHUNK x R accumulators in registers
 // More rows than this with zero points: the weight dequantized to bf16 once and multiplied by torch's
-// bf16 GEMM (oneDNN), which the dot products below, widening the weight again for every 8 rows, trail:
-// SmolLM2's 121 layers in groups of 32, 102 ms at 128 rows, where the GEMM takes 44 and dequantizing
-// about 50 (213 at 512 rows, 430 with the dot products; benchmarks/results/quant_kernels_cpu.md).
-constexpr int64_t GEMM_ROWS = 128;
+// bf16 GEMM (oneDNN), which the dot products below, widening the weight again for every 8 rows, trail
+// from about 50 rows: SmolLM2's 121 layers in groups of 32 take 26 / 55 / 103 ms at 32 / 64 / 128 rows
+// with the dot products, 21 / 31 / 49 in the GEMM alone, and dequantizing them takes 16.
+constexpr int64_t GEMM_ROWS = 48;
 
 // 32 int8 weights -> 32 bf16, in order.
 inline __m512bh widen(const int8_t* p) {

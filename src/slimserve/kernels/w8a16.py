@@ -9,7 +9,7 @@ and oneDNN's bf16 GEMM 8.7 and 10.1; engine figures in benchmarks/results/quant_
 
 With zero points and groups (8-bit asymmetric or grouped layouts), each 32 weights are dequantized
 to bf16 as they are widened, scale * (q - zero), rounded as torch rounds the dequantized weight; past
-128 rows (a prefill) the operator dequantizes the whole weight so, once, and calls torch's bf16 matmul.
+48 rows (a prefill) the operator dequantizes the whole weight so, once, and calls torch's bf16 matmul.
 
 The operator slimserve::w8a16_matmul is registered from C++ through torch's stable API, so a compiled
 graph's C++ wrapper calls it without Python. Built on first use by kernels/native.py; where it cannot
@@ -33,18 +33,12 @@ def available() -> bool:
     return native.load_operators("w8a16.cpp", ("-mavx512bf16",), frozenset({"avx512_bf16"}))
 
 
-def takes(weight: Tensor, scales: Tensor, zeros: Tensor | None = None) -> bool:
-    """True if w8a16_matmul takes this weight, these scales and zero points here (their layouts, and
-    the kernel built); a layer decides it once, when its weight is set."""
-    in_features = weight.shape[1]
-    if zeros is None:
-        group, laid_out = in_features, scales.dim() == 1
-    else:
-        group = in_features // scales.shape[1] if scales.dim() == 2 and in_features % scales.shape[1] == 0 else 0
-        laid_out = (zeros.dtype == torch.uint8 and zeros.shape == scales.shape == (weight.shape[0], scales.shape[1])
-                    and zeros.is_contiguous())
+def takes(weight: Tensor, scales: Tensor) -> bool:
+    """True if w8a16_matmul takes this int8 weight and these per-row scales here (their layouts, and the
+    kernel built); a layer decides it once, when its weight is set. Grouped layers: QuantLinear checks
+    that their groups are a multiple of K_MULTIPLE columns."""
     return (weight.dtype == torch.int8 and scales.dtype == torch.bfloat16 and weight.device.type == "cpu"
-            and laid_out and group > 0 and group % K_MULTIPLE == 0 and weight.is_contiguous()
+            and scales.dim() == 1 and weight.shape[1] % K_MULTIPLE == 0 and weight.is_contiguous()
             and scales.is_contiguous() and available())
 
 

@@ -9,7 +9,7 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
 - INT8_GROUPED_CPU: 8-bit weights in groups or with zero points (asymmetric 8-bit, or groups of
   symmetric ones like llama.cpp's Q8_0), bf16 activations: kernels/w8a16.cpp, which dequantizes each
   32 weights to bf16 as it widens them (rounded as REF rounds the weight), at every row count and
-  inside compiled graphs, where it builds and the groups are a multiple of 32 columns; past 128 rows
+  inside compiled graphs, where it builds and the groups are a multiple of 32 columns; past 48 rows
   it dequantizes the whole weight in C++ for torch's matmul.
 - W4A16_CPU: 4-bit weights, any group size, bf16 activations: kernels/w4a16.cpp on the weight in
   w4a8.cpp's order, at every row count and inside compiled graphs, where it builds (AVX512-BF16, a
