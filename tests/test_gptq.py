@@ -98,8 +98,8 @@ def test_gptq_beats_rtn_on_smollm2_ffn_down(smollm2_ffn_down, bits, group_size, 
 
 @pytest.mark.real_model
 def test_mse_ranges_lower_gptq_error_at_3_bits(smollm2_ffn_down):
-    """Searched ranges (rtn.py's mse) beat min-max ones inside GPTQ on a real layer at 3 bits,
-    where they halved SmolLM2's perplexity loss."""
+    """Searched ranges (rtn.py's mse) beat min-max ones inside GPTQ on a real layer at 3 bits, where
+    they cut SmolLM2's perplexity loss from +77.6 % to +44.4 %."""
     layer, x = smollm2_ffn_down
     min_max, _ = gptq_and_rtn_errors(layer, x[:2048], x[2048:], 3, 128, act_order=True)
     searched, _ = gptq_and_rtn_errors(layer, x[:2048], x[2048:], 3, 128, act_order=True, mse=True)
