@@ -45,8 +45,8 @@ def takes(weight: Tensor, scales: Tensor) -> bool:
 def w8a16_matmul(x: Tensor, weight: Tensor, scales: Tensor, zeros: Tensor | None = None) -> Tensor:
     """x (rows, in) bf16 @ weight (out, in) int8ᵀ * scales (out,) bf16 -> (rows, out) bf16, products
     summed in fp32; with zeros, x @ dequantize_weight(weight + 128, scales, zeros)ᵀ for scales and uint8
-    zeros (out, groups). For a weight, scales and zeros that takes() accepts; anything else raises a
-    RuntimeError naming the operand."""
+    zeros (out, groups). For per-row operands that takes() accepts, or grouped ones whose groups are a
+    multiple of K_MULTIPLE columns; anything else raises a RuntimeError naming the operand."""
     return torch.ops.slimserve.w8a16_matmul(x, weight, scales, zeros)
 
 

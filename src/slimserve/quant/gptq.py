@@ -29,7 +29,7 @@ from slimserve.config import QuantConfig
 from slimserve.models.attention import AttentionMetadata
 from slimserve.models.llama import LlamaForCausalLM
 from slimserve.quant.qlinear import QuantLinear
-from slimserve.quant.rtn import check_bits, check_finite, check_group_size, compute_scales
+from slimserve.quant.rtn import check_bits, check_finite, check_group_size, compute_scales, quantize_to_grid
 
 
 class GPTQ:
@@ -117,7 +117,6 @@ def gptq_quantize_weight(
     # vector ops: the column loop is bound by per-op overhead, not arithmetic.
     WT = W.t().contiguous()
     QT = torch.empty_like(WT)
-    maxq = 2**bits - 1
     found: list[tuple[Tensor, Tensor]] = []  # per group in quantization order
     group_of = (perm // group_size).tolist() if group_size > 0 else []
     scales, zeros = fixed[0] if group_size <= 0 else (None, None)
@@ -138,7 +137,7 @@ def gptq_quantize_weight(
                 found.append((scales, zeros))
             s, z = scales[:, 0], zeros[:, 0]
             w, q, err = WT[col], QT[col], delta[i]
-            torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
+            quantize_to_grid(w, s, z, bits, out=q)
             torch.addcmul(w, torch.sub(q, z, out=err), s, value=-1, out=err)  # w - dequantized
             WT[col + 1 : i2].addr_(spread[i, i + 1 :], err, alpha=-1)
         WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), delta.div_(d[:, None]), alpha=-1)

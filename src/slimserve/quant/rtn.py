@@ -78,9 +78,9 @@ def _grid(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Ten
 
 def _error(rows: Tensor, scales: Tensor, zeros: Tensor, bits: int, scratch: Tensor) -> Tensor:
     """Σ |w - dequantized|^MSE_NORM per row (R, 1), computed in scratch (shaped as rows) in place:
-    4x faster than quantize_to_grid's fresh tensors on GPTQ's groups."""
-    torch.div(rows, scales, out=scratch).round_().add_(zeros).clamp_(0, 2**bits - 1)
-    return scratch.sub_(zeros).mul_(scales).sub_(rows).abs_().pow_(MSE_NORM).sum(dim=-1, keepdim=True)
+    4x faster on GPTQ's groups than a fresh tensor per operation."""
+    dequantized = quantize_to_grid(rows, scales, zeros, bits, out=scratch).sub_(zeros).mul_(scales)
+    return dequantized.sub_(rows).abs_().pow_(MSE_NORM).sum(dim=-1, keepdim=True)
 
 
 def round_up_to_bfloat16(x: Tensor) -> Tensor:
@@ -89,9 +89,9 @@ def round_up_to_bfloat16(x: Tensor) -> Tensor:
     return ((x.view(torch.int32) + 0xFFFF) & -0x10000).view(torch.float32)
 
 
-def quantize_to_grid(w: Tensor, scales: Tensor, zeros: Tensor, bits: int) -> Tensor:
-    """Integers for w on the grid given by broadcastable scales and zeros (all float32)."""
-    return torch.clamp(torch.round(w / scales) + zeros, 0, 2**bits - 1)
+def quantize_to_grid(w: Tensor, scales: Tensor, zeros: Tensor, bits: int, out: Tensor | None = None) -> Tensor:
+    """Integers for w on the grid given by broadcastable scales and zeros (all float32), into out if given."""
+    return torch.div(w, scales, out=out).round_().add_(zeros).clamp_(0, 2**bits - 1)
 
 
 def _as_rows(w: Tensor, group_size: int) -> Tensor:
