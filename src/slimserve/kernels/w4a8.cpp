@@ -81,7 +81,7 @@ void block(const Args& a, int64_t m0, int64_t b0) {
         __m512i x_lo = broadcast4(x), x_hi = broadcast4(x + 4);
 #pragma GCC unroll 4
         for (int b = 0; b < B; ++b)
-          acc[m][b] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[m][b], lo[b], x_lo), hi[b], x_hi);
+          acc[m][b] = slimserve::dpbusd(slimserve::dpbusd(acc[m][b], lo[b], x_lo), hi[b], x_hi);
       }
     }
     for (int b = 0; b < B; ++b) {

@@ -1,7 +1,7 @@
 """W8A8 in C++ (w8a8.cpp) on int8 weights held in VNNI order: the integer product of uint8 activations
 (w8a8_matmul), or the whole layer from bf16 activations, quantized in the same call (w8a8_linear).
 
-w8a8.cpp multiplies 4 activations with 4 weights of 16 output rows per vpdpbusd, runs 4 activation
+w8a8.cpp multiplies 4 activations with 4 weights of 16 output rows per vpdpbusd, runs 8 activation
 rows per pass over 3 blocks of 16 weight rows and prefetches the weight. Against oneDNN's prepacked
 u8 x s8 GEMM, which W8A8 layers ran before, on SmolLM2-135M's 121 layers (2 Zen 4 cores, best of 3,
 benchmarks/results/quant_kernels_cpu.md): 4.1 vs 6.6 ms at 1 row, 5.3 vs 7.0 at 8, 9.9 vs 11.2
