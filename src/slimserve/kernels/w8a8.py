@@ -3,10 +3,9 @@
 
 w8a8.cpp multiplies 4 activations with 4 weights of 16 output rows per vpdpbusd, runs 8 activation
 rows per pass over 3 blocks of 16 weight rows and prefetches the weight. Against oneDNN's prepacked
-u8 x s8 GEMM, which W8A8 layers ran before, on SmolLM2-135M's 121 layers (2 Zen 4 cores, best of 3,
-benchmarks/results/quant_kernels_cpu.md): 4.1 vs 6.6 ms at 1 row, 5.3 vs 7.0 at 8, 9.9 vs 11.2
-at 32; about even at 128 and 512 rows (28.7 vs 26.6, 128 vs 134; the machine before read 67.0 vs
-52.8 and 229 vs 248 there).
+u8 x s8 GEMM, which W8A8 layers ran before, on SmolLM2-135M's 121 layers (2 Zen 5 cores, best of 3,
+benchmarks/results/quant_kernels_cpu.md): 3.2 vs 5.1 ms at 1 row, 4.1 vs 6.6 at 8, 7.4 vs 10.8 at
+32, 20.4 vs 25.8 at 128 and 98.4 vs 131.8 at 512.
 
 The layer's int8 weight is stored once, in the kernel's order (`pack`), with 128 times its row sums
 (the activations arrive offset by 128 as uint8). Built on first use by kernels/native.py; where it
