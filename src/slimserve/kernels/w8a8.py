@@ -4,8 +4,8 @@
 w8a8.cpp multiplies 4 activations with 4 weights of 16 output rows per vpdpbusd, runs 8 activation
 rows per pass over 3 blocks of 16 weight rows and prefetches the weight. Against oneDNN's prepacked
 u8 x s8 GEMM, which W8A8 layers ran before, on SmolLM2-135M's 121 layers (2 Zen 5 cores, best of 3,
-benchmarks/results/quant_kernels_cpu.md): 3.2 vs 5.1 ms at 1 row, 4.1 vs 6.6 at 8, 7.4 vs 10.8 at
-32, 20.4 vs 25.8 at 128 and 98.4 vs 131.8 at 512.
+benchmarks/results/quant_kernels_cpu.md): 3.7 vs 5.8 ms at 1 row, 4.3 vs 7.0 at 8, 7.5 vs 10.6 at
+32, 21.7 vs 26.3 at 128 and 98.7 vs 104.2 at 512 (131.8 in the run before).
 
 The layer's int8 weight is stored once, in the kernel's order (`pack`), with 128 times its row sums
 (the activations arrive offset by 128 as uint8). Built on first use by kernels/native.py; where it

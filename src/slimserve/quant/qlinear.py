@@ -27,7 +27,7 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
   it builds (AVX512-VNNI, a C++ compiler, out % 16 == 0), else oneDNN's u8 x s8 GEMM on its prepacked
   weight (onednn.qlinear_pointwise). Either beats the bf16 GEMM at every row count (SmolLM2-135M's
   121 linears, Zen 4: oneDNN 1.3x at 1 and 8 rows, 1.5x at 32, 1.9x at 512; on Zen 5 w8a8.cpp is
-  1.3-1.6x faster than oneDNN from 1 to 512 rows),
+  1.2-1.6x faster than oneDNN up to 128 rows, 1.06-1.3x at 512),
   where torch._int_mm repacks the weight at every call (2x slower at 8 rows). Taken only where a
   probe finds oneDNN exact (without VNNI, its u8 x s8 sums can saturate). One row in a compiled
   graph runs kernels.gemv on the integers instead (keep_plain_weight).
