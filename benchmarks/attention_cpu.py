@@ -1,8 +1,10 @@
 """Attention on the CPU, one model's shape (SmolLM2-135M: 9 query heads, 3 KV heads, head_dim 64), bf16.
 
-Prefill: slimserve's query-block path vs torch's scaled_dot_product_attention, a causal prompt of
-each length attending to itself, as the engine's prefill does. torch's call gets the same causal
-mask (its is_causal flag measured no faster).
+Prefill: prompts attending to themselves causally, as the engine's prefill does: the C++ operator
+(kernels/paged_attention.cpp), reading the keys and values from scattered cache blocks, which the
+engine runs where it builds; slimserve's torch path (query blocks, one call per prompt), which runs
+where it does not; torch's scaled_dot_product_attention per prompt, with the same causal mask (its
+is_causal flag measured no faster).
 
 Batched decode: one new token for each of n sequences against its context in the paged KV cache:
 the torch path (`PagedAttention._decode_gathered`: gather the blocks, fp32 matmuls), the compiled
@@ -25,10 +27,11 @@ import torch.nn.functional as F
 
 from slimserve.eval.machine import machine_info
 from slimserve.kernels import paged_attention
-from slimserve.models.attention import QUERY_BLOCK, AttentionMetadata, PagedAttention, compiled_decode_attention
+from slimserve.models.attention import (QUERY_BLOCK, AttentionMetadata, PagedAttention, compiled_decode_attention,
+                                        store_kv)
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
-LENGTHS = (128, 256, 512, 1024, 2048)
+PREFILLS = ((1, 128), (1, 512), (1, 1024), (1, 2048), (32, 64), (8, 512))  # (prompts, tokens each)
 LAYERS, BLOCK_SIZE = 30, 16
 DECODES = ((1, 1024), (1, 2048), (4, 512), (8, 2048), (32, 128), (32, 512))  # (sequences, context tokens)
 
@@ -52,22 +55,36 @@ def medians(fns: dict, repeats: int) -> dict[str, float]:
 
 def prefill_rows(attention: PagedAttention, repeats: int) -> list[str]:
     rows = []
-    for length in LENGTHS:
-        q = torch.randn(length, HEADS, HEAD_DIM, dtype=torch.bfloat16)
-        k, v = (torch.randn(KV_HEADS, length, HEAD_DIM, dtype=torch.bfloat16) for _ in range(2))
+    for num_seqs, length in PREFILLS:
+        tokens = num_seqs * length
+        q = torch.randn(tokens, HEADS, HEAD_DIM, dtype=torch.bfloat16)
+        k, v = (torch.randn(tokens, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16) for _ in range(2))
+        num_blocks = tokens // BLOCK_SIZE
+        block_tables = torch.randperm(num_blocks).view(num_seqs, -1)  # scattered, as in use
+        kv_cache = torch.empty(1, 2, KV_HEADS, num_blocks, BLOCK_SIZE, HEAD_DIM, dtype=torch.bfloat16)
+        cu = [length * i for i in range(num_seqs + 1)]
+        meta = AttentionMetadata(cu, [length] * num_seqs, block_tables=block_tables, kv_cache=kv_cache)
+        slots = (block_tables[:, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).view(-1)
+        store_kv(torch.stack([k, v]), kv_cache[0], slots)
         mask = torch.ones(length, length, dtype=torch.bool).tril()
-        meta = AttentionMetadata.without_cache([length])  # its masks are made once, as for a step's 30 layers
+        sequences = [slice(cu[i], cu[i + 1]) for i in range(num_seqs)]
 
-        def ours():
-            return attention._attend(q, k, v, meta)
+        def torch_path():  # the engine's prefill where the operator does not build; its masks made once
+            return [attention._attend(q[s], k[s].transpose(0, 1), v[s].transpose(0, 1), meta) for s in sequences]
+
+        def operator():
+            return paged_attention.prefill_attention(q, *kv_cache[0], *meta.prefill_layout())
 
         def torch_sdpa():
-            return F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, enable_gqa=True)
+            return [F.scaled_dot_product_attention(q[s].transpose(0, 1), k[s].transpose(0, 1), v[s].transpose(0, 1),
+                                                   attn_mask=mask, enable_gqa=True) for s in sequences]
 
-        error = (ours().float() - torch_sdpa().transpose(0, 1).float()).abs().max().item()
-        ms = medians({"ours": ours, "torch": torch_sdpa}, repeats)
-        rows.append(f"| {length} | {ms['ours']:.2f} | {ms['torch']:.2f} | {ms['torch'] / ms['ours']:.2f}x | "
-                     f"{error:.1e} |")
+        expected = torch.cat(torch_path()).float()
+        error = max((operator().float() - expected).abs().max().item(),
+                    (torch.cat([o.transpose(0, 1) for o in torch_sdpa()]).float() - expected).abs().max().item())
+        ms = medians({"torch": torch_path, "operator": operator, "sdpa": torch_sdpa}, repeats)
+        rows.append(f"| {num_seqs} x {length} | {ms['torch']:.2f} | {ms['operator']:.2f} | {ms['sdpa']:.2f} | "
+                    f"{ms['torch'] / ms['operator']:.2f}x | {ms['sdpa'] / ms['operator']:.2f}x | {error:.1e} |")
         print(rows[-1], flush=True)
     return rows
 
@@ -116,12 +133,15 @@ def main() -> None:
         f"{HEADS} query heads, {KV_HEADS} KV heads, head_dim {HEAD_DIM}. Medians of {args.repeats} repetitions, "
         "each timed over at least 0.3 s; max |difference| of the outputs in the last column.", "",
         "## Prefill, one layer", "",
-        "A causal prompt attending to itself. slimserve: `PagedAttention._attend` (fp32 matmul-softmax-matmul "
-        f"in blocks of {QUERY_BLOCK} query rows, each against the keys it may see; the block masks made once and "
-        "reused, as a step's layers share them); torch: `scaled_dot_product_attention` with the causal mask and "
-        "`enable_gqa`.", "",
-        "| prompt tokens | slimserve ms | torch SDPA ms | speed-up | max abs diff |",
-        "|---|---|---|---|---|",
+        "Causal prompts attending to themselves. operator: `slimserve::prefill_attention` "
+        "(kernels/paged_attention.cpp), all prompts in one call, keys and values read from scattered cache "
+        f"blocks of {BLOCK_SIZE}; torch path: `PagedAttention._attend` per prompt (fp32 matmul-softmax-matmul in "
+        f"blocks of {QUERY_BLOCK} query rows, each against the keys it may see; the block masks made once and "
+        "reused, as a step's layers share them), what runs where the operator does not build; SDPA: torch's "
+        "`scaled_dot_product_attention` per prompt with the causal mask and `enable_gqa`. Speed-ups of the "
+        "operator; max abs diff of the operator and SDPA against the torch path.", "",
+        "| prompts x tokens | torch path ms | operator ms | SDPA ms | vs torch path | vs SDPA | max abs diff |",
+        "|---|---|---|---|---|---|---|",
         *prefill_rows(attention, args.repeats), "",
         f"## Batched decode, the {LAYERS} layers of a step", "",
         f"One new token for each sequence, its context in scattered cache blocks of {BLOCK_SIZE} tokens, each "

@@ -156,9 +156,9 @@ def test_refuses_bad_operands():
                     k_new=k_new, v_new=v_new) | changes
         return paged_attention.decode_attention(**args)
 
-    with pytest.raises(RuntimeError, match=r"\(n, H, D\) fp32 or bf16 q, each sequence's \(H, D\) contiguous"):
+    with pytest.raises(RuntimeError, match=r"\(n, H, D\) fp32 or bf16 q, each token's \(H, D\) contiguous"):
         call(q=q[0])
-    with pytest.raises(RuntimeError, match=r"each sequence's \(H, D\) contiguous"):
+    with pytest.raises(RuntimeError, match=r"each token's \(H, D\) contiguous"):
         call(q=q.transpose(1, 2).contiguous().transpose(1, 2))
     with pytest.raises(RuntimeError, match="k_cache and v_cache of one shape, both fp32 or both bf16"):
         call(v_cache=v_cache.bfloat16())
@@ -197,3 +197,130 @@ def test_compiled_graph_calls_the_operator_without_python():
         out, code = run_and_get_code(compiled, *args)
     assert torch.equal(out, torch.relu(paged_attention.decode_attention(*args, sliding_window=10)))
     assert 'aoti_torch_call_dispatcher("slimserve::decode_attention"' in "".join(code)
+
+
+def prefill_operands(query_counts, context_lens, num_heads, num_kv_heads, head_dim, block_size, q_dtype, cache_dtype,
+                     seed=0):
+    """operands' cache and tables for the contexts, every position written, and q (T, H, D) for the
+    last query_counts[i] positions of each; query_starts their prefix sums."""
+    _, k_cache, v_cache, block_tables, context_lens, _, _ = operands(context_lens, num_heads, num_kv_heads, head_dim,
+                                                                     block_size, q_dtype, cache_dtype, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(sum(query_counts), num_heads, head_dim, generator=generator).to(q_dtype)
+    query_starts = torch.tensor([0, *query_counts]).cumsum(0)
+    return q, k_cache, v_cache, block_tables, query_starts, context_lens
+
+
+def prefill_reference(q, k_cache, v_cache, block_tables, query_starts, context_lens, scale=None, sliding_window=None):
+    """(T, H, D) float64 from the definition: each query at its position, attending the positions up
+    to its own (the last sliding_window of them), gathered through its sequence's block table."""
+    T, H, D = q.shape
+    Hkv, _, block_size, _ = k_cache.shape
+    scale = D**-0.5 if scale is None else scale
+    out = torch.empty(T, H, D, dtype=torch.float64)
+    for i, ctx in enumerate(context_lens.tolist()):
+        start, end = query_starts[i].item(), query_starts[i + 1].item()
+        positions = torch.arange(ctx)
+        blocks = block_tables[i, positions // block_size]
+        k = k_cache[:, blocks, positions % block_size].double()  # (Hkv, ctx, D)
+        v = v_cache[:, blocks, positions % block_size].double()
+        query_positions = torch.arange(ctx - (end - start), ctx)[:, None]
+        allowed = positions <= query_positions
+        if sliding_window is not None:
+            allowed &= positions > query_positions - sliding_window
+        for h in range(H):
+            scores = (q[start:end, h].double() @ k[h * Hkv // H].T * scale).masked_fill(~allowed, float("-inf"))
+            out[start:end, h] = scores.softmax(-1) @ v[h * Hkv // H]
+    return out
+
+
+@needs_kernel
+@settings(max_examples=80, deadline=None)
+@given(sequences=st.lists(st.tuples(st.integers(1, 60), st.integers(0, 60)), min_size=1, max_size=4),
+       num_kv_heads=st.integers(1, 3), group=st.integers(1, 8), head_dim=st.sampled_from((8, 16, 48, 64, 80, 128)),
+       block_size=st.sampled_from((1, 4, 16)), q_dtype=st.sampled_from(DTYPES), cache_dtype=st.sampled_from(DTYPES),
+       sliding_window=st.none() | st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_prefill_matches_the_definition(sequences, num_kv_heads, group, head_dim, block_size, q_dtype, cache_dtype,
+                                        sliding_window, seed):
+    """Prompts whole, chunks after a cached prefix and sequences with no queries; any head dim, block
+    size, grouping (up to 8 query heads per KV head: 128 rows a task) and dtype pairing."""
+    query_counts = [min(queries, ctx) for ctx, queries in sequences]
+    args = prefill_operands(query_counts, [ctx for ctx, _ in sequences], num_kv_heads * group, num_kv_heads,
+                            head_dim, block_size, q_dtype, cache_dtype, seed)
+    out = paged_attention.prefill_attention(*args, sliding_window=sliding_window)
+    assert out.dtype == q_dtype and out.shape == args[0].shape
+    expected = prefill_reference(*args, sliding_window=sliding_window)
+    torch.testing.assert_close(out.double(), expected.to(q_dtype).double(), **TOLERANCE[q_dtype])
+
+
+@needs_kernel
+@pytest.mark.parametrize("sliding_window", [None, 100])
+def test_prefill_of_a_long_prompt(sliding_window):
+    """A 300-token prompt and a 70-token chunk after 230 cached positions: many tasks per sequence."""
+    args = prefill_operands([300, 70], [300, 300], 14, 2, 64, 16, torch.bfloat16, torch.bfloat16, seed=3)
+    out = paged_attention.prefill_attention(*args, scale=0.1, sliding_window=sliding_window)
+    torch.testing.assert_close(out, prefill_reference(*args, 0.1, sliding_window).to(torch.bfloat16),
+                               **TOLERANCE[torch.bfloat16])
+
+
+@needs_kernel
+def test_prefill_reads_no_unseen_slot():
+    """NaN in every padding block and past each context (operands writes only the contexts)."""
+    args = prefill_operands([5, 16, 1], [5, 37, 16], 6, 2, 64, 16, torch.float32, torch.bfloat16)
+    assert args[1].isnan().any()
+    out = paged_attention.prefill_attention(*args)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), prefill_reference(*args), **TOLERANCE[torch.float32])
+
+
+@needs_kernel
+def test_prefill_refuses_bad_operands():
+    q, k_cache, v_cache, block_tables, query_starts, context_lens = prefill_operands([5, 8], [5, 8], 4, 2, 16, 4,
+                                                                                     torch.float32, torch.float32)
+
+    def call(**changes):
+        args = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, query_starts=query_starts,
+                    context_lens=context_lens) | changes
+        return paged_attention.prefill_attention(**args)
+
+    with pytest.raises(RuntimeError, match=r"prefill_attention needs an \(n, H, D\) fp32 or bf16 q"):
+        call(q=q.half())
+    with pytest.raises(RuntimeError, match=r"query_starts runs from 0 to 12, not from 0 to q's 13 tokens"):
+        call(query_starts=torch.tensor([0, 5, 12]))
+    with pytest.raises(RuntimeError, match=r"contiguous int64 query_starts \(n \+ 1,\) and context_lens \(n,\)"):
+        call(context_lens=context_lens[:1])
+    with pytest.raises(RuntimeError, match="sequence 0 has 6 queries and context length 5"):
+        call(query_starts=torch.tensor([0, 6, 13]), context_lens=torch.tensor([5, 8]))
+    with pytest.raises(RuntimeError, match="sequence 1 has 8 queries and context length 13, not 0 <= queries"):
+        call(context_lens=torch.tensor([5, 13]))
+    bad_block = block_tables.clone()
+    bad_block[1, 1] = -1
+    with pytest.raises(RuntimeError, match=r"prefill_attention: block table entry \(1, 1\) is -1"):
+        call(block_tables=bad_block)
+
+
+@needs_kernel
+@pytest.mark.parametrize("cached", [True, False])
+def test_prefill_layer_matches_the_torch_path(cached, monkeypatch):
+    """PagedAttention with the operator equals its torch path: a step of two decodes, a prompt and a
+    chunk after a cached prefix, with the cache; perplexity windows without it."""
+    generator = torch.Generator().manual_seed(0)
+    layer = attention.PagedAttention(0, 6, 2, 64, sliding_window=24)
+    if cached:
+        decode_ctx, prompts = [9, 20], [(30, 30), (40, 12)]  # (context, new tokens)
+        context_lens = decode_ctx + [ctx for ctx, _ in prompts]
+        new_tokens = [1, 1] + [new for _, new in prompts]
+        _, k_cache, v_cache, block_tables, _, _, _ = operands(context_lens, 6, 2, 64, 16, seed=2)
+        kv_cache = torch.stack([k_cache, v_cache])[None].nan_to_num()
+        slots = [block_tables[i, p // 16] * 16 + p % 16 for i, (ctx, new) in enumerate(zip(context_lens, new_tokens))
+                 for p in range(ctx - new, ctx)]
+        meta = lambda: attention.AttentionMetadata([0, *torch.tensor(new_tokens).cumsum(0).tolist()], context_lens,
+                                                   torch.tensor(slots), block_tables, kv_cache.clone(), 2)
+    else:
+        new_tokens = [7, 33]
+        meta = lambda: attention.AttentionMetadata.without_cache(new_tokens)
+    q, k, v = torch.randn(3, sum(new_tokens), 6, 64, generator=generator)
+    k, v = k[:, :2], v[:, :2]
+    out = layer(q, k, v, meta())
+    monkeypatch.setattr(paged_attention, "serves", lambda *args: False)
+    torch.testing.assert_close(out, layer(q, k, v, meta()), rtol=1e-5, atol=1e-5)
