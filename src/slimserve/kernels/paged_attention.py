@@ -10,8 +10,8 @@ sequences of 64-128 positions, 3 bf16 KV heads of 64, each layer's cache in DRAM
 Prefill: the last query tokens of every prompt or chunk of a step in one call, each attending the
 positions up to its own: fp32 arithmetic, 16 tokens of one KV head's query heads a task, keys only
 widened (never transposed) and the scores of 8 positions for 48 rows 24 multiply-adds per dimension.
-4-5x models/attention.py's torch path on SmolLM2's shape, from 32 prompts of 64 tokens (the
-per-prompt calls it saves) to one of 2048 (benchmarks/results/attention_cpu.md).
+On SmolLM2's shape, 2 cores: 6.7x models/attention.py's torch path for 32 prompts of 64 tokens (the
+per-prompt calls it saves), 3.2-4.7x for one prompt of 128-2048 (benchmarks/results/attention_cpu.md).
 
 Registered from C++ as the torch operators slimserve::decode_attention and
 slimserve::prefill_attention; a compiled graph's C++ wrapper calls them without Python. Where they
