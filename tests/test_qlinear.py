@@ -6,7 +6,7 @@ from torch._inductor.utils import run_and_get_code
 
 from slimserve.config import QuantConfig
 from slimserve.eval.evaluate import module_bytes
-from slimserve.kernels import w4a8, w4a16, w8a16
+from slimserve.kernels import w4a8, w4a16, w8a8, w8a16
 from slimserve.kernels.gemv import gemv
 from slimserve.models import opaque
 from slimserve.quant import qlinear
@@ -98,7 +98,8 @@ def test_compiled_one_row_int8_matches_packed_kernel(monkeypatch):
 @pytest.mark.parametrize("scheme", [(8, -1, True, None), (4, 32, True, None), (8, -1, True, 8)])
 def test_compiled_rows_match_eager(scheme):
     """In a compiled graph of several rows, the packed int8/int4 kernels run as opaque calls of the
-    layer itself (models/opaque.py); W8A8 is traced but for its prepacked integer product."""
+    layer itself (models/opaque.py); W8A8 calls w8a8.cpp's operator, or where that does not build, is
+    traced but for oneDNN's prepacked integer product."""
     bits, group_size, sym, act_bits = scheme
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(nn.Linear(128, 48).to(torch.bfloat16),
@@ -116,9 +117,9 @@ def test_compiled_rows_match_eager(scheme):
             x = torch.randn(rows, 128, dtype=torch.bfloat16)
             calls.clear(), products.clear()
             out = compiled(x)
-            assert products == ([rows] if layer.kernel is Kernel.W8A8_CPU else [])
-            # opaque: the same kernel; traced W8A8 may round an activation to the other integer
-            exact = layer.kernel in qlinear.OPAQUE_KERNELS
+            assert products == ([rows] if layer.kernel is Kernel.W8A8_CPU and layer.vnni is None else [])
+            # opaque or an operator: the same kernel; traced W8A8 may round an activation to the other integer
+            exact = layer.kernel in qlinear.OPAQUE_KERNELS or layer.vnni is not None
             torch.testing.assert_close(out, layer(x), **(dict(atol=0, rtol=0) if exact else TOLERANCES[torch.bfloat16]))
     # the hook runs once for the compiled call, once more inside it where the layer runs as itself
     assert len(calls) == (3 if layer.kernel in qlinear.OPAQUE_KERNELS else 2)
@@ -126,15 +127,17 @@ def test_compiled_rows_match_eager(scheme):
 
 
 @pytest.mark.parametrize("cpp_wrapper", [False, True])
-@pytest.mark.parametrize("act_bits,kernel,operator", [(8, Kernel.W4A8_CPU, w4a8), (None, Kernel.W4A16_CPU, w4a16)])
-def test_4bit_operators_are_called_from_compiled_graphs(act_bits, kernel, operator, cpp_wrapper):
-    """kernels/w4a8.cpp's and w4a16.cpp's operators are traced into compiled graphs (a dynamic row
-    count reuses one graph); with a C++ wrapper, the graph calls them through the dispatcher without Python."""
+@pytest.mark.parametrize("bits,group_size,act_bits,kernel,operator", [
+    (4, 32, 8, Kernel.W4A8_CPU, w4a8), (4, 32, None, Kernel.W4A16_CPU, w4a16), (8, -1, 8, Kernel.W8A8_CPU, w8a8)])
+def test_operators_are_called_from_compiled_graphs(bits, group_size, act_bits, kernel, operator, cpp_wrapper):
+    """kernels/w4a8.cpp's, w4a16.cpp's and w8a8.cpp's operators are traced into compiled graphs (a
+    dynamic row count reuses one graph); with a C++ wrapper, the graph calls them through the
+    dispatcher without Python."""
     if not operator.available():
         pytest.skip(f"{operator.__name__} does not build here")
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(nn.Linear(128, 48).to(torch.bfloat16),
-                                    QuantConfig(bits=4, group_size=32, act_bits=act_bits))
+                                    QuantConfig(bits=bits, group_size=group_size, act_bits=act_bits))
     assert layer.kernel is kernel
     compiled = torch.compile(layer, fullgraph=True, dynamic=True, options={"cpp_wrapper": cpp_wrapper})
     with torch.no_grad():

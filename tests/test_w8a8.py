@@ -38,10 +38,21 @@ def test_matches_the_torch_reference_exactly(rows, out_features, in_features):
 
 
 @needs_kernel
-def test_refuses_activations_of_another_width():
+def test_refuses_bad_operands():
     x_u8, weight, scales = operands(2, 16, 64)
-    with pytest.raises(ValueError, match="64 columns"):
-        w8a8.w8a8_matmul(x_u8[:, :32], *w8a8.pack(weight), scales)
+    vnni, sums = w8a8.pack(weight)
+    with pytest.raises(RuntimeError, match="the activations have 32 columns, the weight 64"):
+        w8a8.w8a8_matmul(x_u8[:, :32].contiguous(), vnni, sums, scales)
+    with pytest.raises(RuntimeError, match="w8a8_matmul needs contiguous 2-D uint8 activations"):
+        w8a8.w8a8_matmul(x_u8.t().contiguous().t(), vnni, sums, scales)
+    with pytest.raises(RuntimeError, match="w8a8_linear needs contiguous 2-D bf16 activations"):
+        w8a8.w8a8_linear(x_u8.float(), vnni, sums, scales)
+    with pytest.raises(RuntimeError, match="needs w8a8.pack's weight"):
+        w8a8.w8a8_matmul(x_u8, weight, sums, scales)
+    with pytest.raises(RuntimeError, match=r"needs pack's int32 row sums \(N,\)"):
+        w8a8.w8a8_matmul(x_u8, vnni, sums[:8], scales)
+    with pytest.raises(RuntimeError, match=r"needs fp32 weight scales \(N,\)"):
+        w8a8.w8a8_matmul(x_u8, vnni, sums, scales.bfloat16())
     assert not w8a8.packable(weight[:8])  # 8 output rows: not a block of 16
 
 

@@ -1,4 +1,6 @@
-// W8A8 with AVX512-VNNI on an int8 weight w (N, K) held in VNNI order; built and called by w8a8.py.
+// W8A8 with AVX512-VNNI on an int8 weight w (N, K) held in VNNI order; built and registered by w8a8.py
+// as the torch operators slimserve::w8a8_matmul and slimserve::w8a8_linear, so compiled graphs call them
+// without Python.
 //
 // w8a8_matmul: y (M, N) fp32 = (x (M, K) uint8 @ wᵀ - corr (N)) * scale (N), with x the int8
 //   activations + 128 and corr = 128 * w's row sums: the signed product times the weight scales.
@@ -16,9 +18,18 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <vector>
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
 #include "rows.h"
 
 namespace {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
 
 constexpr int64_t PREFETCH_BYTES = 1024;  // per weight stream
 // Activation rows per pass and blocks per task: 8 x 3 accumulators, 3 weight and 1 activation
@@ -111,25 +122,53 @@ void quantize_row(const uint16_t* x, int64_t K, uint8_t* q, float* scale) {
   }
 }
 
-bool bad_shape(int64_t M, int64_t N, int64_t K) { return N % 16 != 0 || K % 4 != 0 || M < 1; }
+// x (M, K) of `x_type`, w (N / 16, K / 4, 16, 4) int8, corr (N,) int32, scale (N,) fp32.
+void check_operands(const char* op, const Tensor& x, ScalarType x_type, const Tensor& w, const Tensor& corr,
+                    const Tensor& scale) {
+  STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == x_type && x.is_contiguous(), op, " needs contiguous 2-D ",
+                  x_type == ScalarType::Byte ? "uint8" : "bf16", " activations");
+  STD_TORCH_CHECK(w.dim() == 4 && w.size(2) == 16 && w.size(3) == 4 && w.scalar_type() == ScalarType::Char &&
+                  w.is_contiguous(), op, " needs w8a8.pack's weight");
+  STD_TORCH_CHECK(w.size(1) * 4 == x.size(1), op, ": the activations have ", x.size(1), " columns, the weight ",
+                  w.size(1) * 4);
+  const int64_t N = w.size(0) * 16;
+  STD_TORCH_CHECK(corr.dim() == 1 && corr.size(0) == N && corr.scalar_type() == ScalarType::Int && corr.is_contiguous(),
+                  op, " needs pack's int32 row sums (N,)");
+  STD_TORCH_CHECK(scale.dim() == 1 && scale.size(0) == N && scale.scalar_type() == ScalarType::Float &&
+                  scale.is_contiguous(), op, " needs fp32 weight scales (N,)");
+}
+
+// x_u8 (M, K) uint8 -> y (M, N) fp32.
+Tensor w8a8_matmul(Tensor x, Tensor w, Tensor corr, Tensor scale) {
+  check_operands("w8a8_matmul", x, ScalarType::Byte, w, corr, scale);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 16;
+  Tensor y = torch::stable::new_empty(x, {M, N}, ScalarType::Float);
+  product(Args{(const uint8_t*)x.data_ptr(), (const int8_t*)w.data_ptr(), (const int32_t*)corr.data_ptr(),
+               (const float*)scale.data_ptr(), nullptr, (float*)y.data_ptr(), nullptr, M, N, K},
+          torch::stable::get_num_threads());
+  return y;
+}
+
+// x (M, K) bf16 -> y (M, N) bf16.
+Tensor w8a8_linear(Tensor x, Tensor w, Tensor corr, Tensor scale) {
+  check_operands("w8a8_linear", x, ScalarType::BFloat16, w, corr, scale);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0) * 16;
+  Tensor y = torch::stable::new_empty(x, {M, N});
+  const int threads = torch::stable::get_num_threads();
+  std::vector<uint8_t> xq(M * K);
+  std::vector<float> row_scale(M);
+  const uint16_t* xp = (const uint16_t*)x.data_ptr();
+#pragma omp parallel for num_threads(threads) schedule(static) if (M >= 8)
+  for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, K, xq.data() + m * K, &row_scale[m]);
+  product(Args{xq.data(), (const int8_t*)w.data_ptr(), (const int32_t*)corr.data_ptr(), (const float*)scale.data_ptr(),
+               row_scale.data(), nullptr, (uint16_t*)y.data_ptr(), M, N, K},
+          threads);
+  return y;
+}
 
 }  // namespace
 
-// Both return 0, or 1 when N is not a multiple of 16 or K of 4 (nothing written).
-extern "C" int w8a8_matmul(const uint8_t* x, const int8_t* w, const int32_t* corr, const float* scale, float* y,
-                           int64_t M, int64_t N, int64_t K, int threads) {
-  if (bad_shape(M, N, K)) return 1;
-  product(Args{x, w, corr, scale, nullptr, y, nullptr, M, N, K}, threads);
-  return 0;
-}
-
-// xq (M, K) and row_scale (M) are the caller's scratch, written here.
-extern "C" int w8a8_linear(const uint16_t* x, const int8_t* w, const int32_t* corr, const float* scale,
-                           uint16_t* y, uint8_t* xq, float* row_scale, int64_t M, int64_t N, int64_t K,
-                           int threads) {
-  if (bad_shape(M, N, K)) return 1;
-#pragma omp parallel for num_threads(threads) schedule(static) if (M >= 8)
-  for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, xq + m * K, row_scale + m);
-  product(Args{xq, w, corr, scale, row_scale, nullptr, y, M, N, K}, threads);
-  return 0;
+STABLE_TORCH_LIBRARY_IMPL(slimserve, CPU, m) {
+  m.impl("w8a8_matmul", TORCH_BOX(&w8a8_matmul));
+  m.impl("w8a8_linear", TORCH_BOX(&w8a8_linear));
 }

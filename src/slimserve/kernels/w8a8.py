@@ -8,30 +8,33 @@ benchmarks/results/quant_kernels_cpu.md): 3.7 vs 5.8 ms at 1 row, 4.3 vs 7.0 at 
 32, 21.7 vs 26.3 at 128 and 98.7 vs 104.2 at 512 (131.8 in the run before).
 
 The layer's int8 weight is stored once, in the kernel's order (`pack`), with 128 times its row sums
-(the activations arrive offset by 128 as uint8). Built on first use by kernels/native.py; where it
-cannot be (no AVX512-VNNI, no compiler), `available()` is False and layers keep oneDNN.
-w8a8_reference is the torch oracle.
+(the activations arrive offset by 128 as uint8). Registered from C++ through torch's stable API as the
+operators slimserve::w8a8_matmul and slimserve::w8a8_linear, so a compiled graph's C++ wrapper calls
+them without Python. Built on first use by kernels/native.py; where it cannot be (no AVX512-VNNI, no
+compiler, torch before 2.13), `available()` is False and layers keep oneDNN. w8a8_reference is the
+torch oracle.
 """
-
-import ctypes
 
 import torch
 from torch import Tensor
 
 from slimserve.kernels import native
 
-ARGTYPES = {  # function -> its C signature: pointers, then M, N, K, then threads
-    "w8a8_matmul": (ctypes.c_void_p,) * 5 + (ctypes.c_int64,) * 3 + (ctypes.c_int,),
-    "w8a8_linear": (ctypes.c_void_p,) * 7 + (ctypes.c_int64,) * 3 + (ctypes.c_int,),
-}
-
-
-def _kernel(function: str = "w8a8_matmul"):
-    return native.load("w8a8.cpp", function, ("-mavx512vnni",), frozenset({"avx512_vnni"}), ARGTYPES[function])
+native.define_operator("w8a8_matmul(Tensor x_u8, Tensor w, Tensor corrections, Tensor scales) -> Tensor",
+                       lambda x_u8, w, *args: x_u8.new_empty(x_u8.shape[0], w.shape[0] * 16, dtype=torch.float32))
+native.define_operator("w8a8_linear(Tensor x, Tensor w, Tensor corrections, Tensor scales) -> Tensor",
+                       lambda x, w, *args: x.new_empty(x.shape[0], w.shape[0] * 16))
+# x_u8 (rows, in) uint8 (int8 activations + 128) times pack's weight -> (rows, out) fp32: the signed
+# integer product, exact in int32, times scales (out,) fp32.
+w8a8_matmul = torch.ops.slimserve.w8a8_matmul
+# W8A8 of bf16 activations x (rows, in) in one call: quantized per row as QuantLinear does it in torch
+# (scale max|x| / 127, round half to even, clamp to +-127), multiplied as w8a8_matmul, times the row
+# scales, rounded to bf16 -> (rows, out). Both run once available() has loaded the C++ kernel.
+w8a8_linear = torch.ops.slimserve.w8a8_linear
 
 
 def available() -> bool:
-    return _kernel() is not None
+    return native.load_operators("w8a8.cpp", ("-mavx512vnni",), frozenset({"avx512_vnni"}))
 
 
 def packable(weight: Tensor) -> bool:
@@ -51,36 +54,6 @@ def unpack(vnni: Tensor) -> Tensor:
     """Inverse of pack's first part: (out / 16, in / 4, 16, 4) -> int8 weight (out, in)."""
     blocks, quads = vnni.shape[:2]
     return vnni.transpose(1, 2).reshape(blocks * 16, quads * 4)
-
-
-def w8a8_matmul(x_u8: Tensor, vnni: Tensor, corrections: Tensor, scales: Tensor) -> Tensor:
-    """x_u8 (rows, in) uint8 (int8 activations + 128) times pack's weight -> (rows, out) fp32: the
-    signed integer product, exact in int32, times scales (out,) fp32."""
-    rows, in_features = x_u8.shape
-    out_features = vnni.shape[0] * 16
-    if vnni.shape[1] * 4 != in_features or x_u8.dtype != torch.uint8 or not x_u8.is_contiguous():
-        raise ValueError(f"w8a8_matmul needs contiguous uint8 activations of {vnni.shape[1] * 4} columns, "
-                         f"got {x_u8.dtype} {tuple(x_u8.shape)}")
-    y = torch.empty(rows, out_features)
-    _kernel()(x_u8.data_ptr(), vnni.data_ptr(), corrections.data_ptr(), scales.data_ptr(), y.data_ptr(),
-              rows, out_features, in_features, torch.get_num_threads())
-    return y
-
-
-def w8a8_linear(x: Tensor, vnni: Tensor, corrections: Tensor, scales: Tensor) -> Tensor:
-    """W8A8 of bf16 activations x (rows, in) in one call: quantized per row as QuantLinear does it in
-    torch (scale max|x| / 127, round half to even, clamp to +-127), multiplied as w8a8_matmul, times
-    the row scales, rounded to bf16 -> (rows, out)."""
-    rows, in_features = x.shape
-    if vnni.shape[1] * 4 != in_features or x.dtype != torch.bfloat16 or not x.is_contiguous():
-        raise ValueError(f"w8a8_linear needs contiguous bf16 activations of {vnni.shape[1] * 4} columns, "
-                         f"got {x.dtype} {tuple(x.shape)}")
-    y = torch.empty(rows, vnni.shape[0] * 16, dtype=torch.bfloat16)
-    x_u8, row_scales = torch.empty(rows, in_features, dtype=torch.uint8), torch.empty(rows)
-    _kernel("w8a8_linear")(x.data_ptr(), vnni.data_ptr(), corrections.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                           x_u8.data_ptr(), row_scales.data_ptr(), rows, y.shape[1], in_features,
-                           torch.get_num_threads())
-    return y
 
 
 def w8a8_reference(x_u8: Tensor, weight: Tensor, scales: Tensor) -> Tensor:

@@ -3,9 +3,9 @@
 A compiled engine runs every step of two tokens or more (prefill chunks, batched decodes) as one
 graph with a dynamic token count, which fuses the small operations between the matrix products:
 norms, rotary embeddings, activations, residual adds. The big operations stay out of that graph:
-- prepacked linears (PackedLinear, and W8A8 QuantLinear's integer product) hold an oneDNN weight
-  that no graph can take as an input, and quantized linears' packed kernels are fastest called as
-  they are;
+- prepacked linears (PackedLinear, and W8A8 QuantLinear's integer product where kernels/w8a8.cpp
+  does not build) hold an oneDNN weight that no graph can take as an input, and the quantized
+  linears' packed kernels that are not torch operators are fastest called as they are;
 - attention loops over the step's sequences in Python, so their lengths would become constants
   of the graph. It reads the step's AttentionMetadata from `step_metadata` instead of an argument.
 vLLM's piecewise graphs keep attention out the same way.

@@ -29,8 +29,9 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
   121 linears, Zen 4: oneDNN 1.3x at 1 and 8 rows, 1.5x at 32, 1.9x at 512; on Zen 5 w8a8.cpp is
   1.2-1.6x faster than oneDNN up to 128 rows, 1.06-1.3x at 512),
   where torch._int_mm repacks the weight at every call (2x slower at 8 rows). Taken only where a
-  probe finds oneDNN exact (without VNNI, its u8 x s8 sums can saturate). One row in a compiled
-  graph runs kernels.gemv on the integers instead (keep_plain_weight).
+  probe finds oneDNN exact (without VNNI, its u8 x s8 sums can saturate). w8a8.cpp is a torch
+  operator that compiled graphs call without Python; oneDNN's product runs as an opaque call. One row
+  in a compiled graph runs kernels.gemv on the integers instead (keep_plain_weight).
 - W8A8_REF: the same arithmetic with a float matmul of the integers (any device).
 - W4A8_CPU: 4-bit weights, any group size, with act_bits 8: activations quantized to int8 per row and
   weight group at run time, products summed exactly in int32 (llama.cpp's Q4_0 x Q8_0 arithmetic):
@@ -448,15 +449,15 @@ class QuantLinear(nn.Module):
 
     def _w8a8(self, x2: Tensor) -> Tensor:
         """Per-token symmetric int8 activations (W8A8 dynamic), products summed in int32."""
-        if self.vnni is not None and x2.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
-            return w8a8.w8a8_linear(x2, *self.vnni)  # the same arithmetic in one call
+        one_row_graph = self.qweight is not None and use_gemv(x2)
+        if self.vnni is not None and x2.dtype == torch.bfloat16 and not one_row_graph:
+            return w8a8.w8a8_linear(x2, *self.vnni)  # the arithmetic below in one call
         x_scales = x2.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
         x_q = torch.round(x2.float() / x_scales).clamp(-127, 127)
-        one_row_graph = self.qweight is not None and use_gemv(x2)
         if self.kernel is Kernel.W8A8_CPU and not one_row_graph:
             x_u8 = (x_q + 128).to(torch.uint8)
-            compiling = torch.compiler.is_compiling()
-            acc = opaque.int8_matmul(x_u8, self.opaque_handle) if compiling else self.int8_matmul(x_u8)
+            prepacked = self.vnni is None and torch.compiler.is_compiling()  # oneDNN's weight: out of graphs
+            acc = opaque.int8_matmul(x_u8, self.opaque_handle) if prepacked else self.int8_matmul(x_u8)
             return (acc * x_scales).to(self.dtype)
         # float32 sums of integer products: exact below 2^24, else off by a few ulp
         acc = gemv(x_q, self.qweight) if one_row_graph else x_q @ self.qweight.float().t()
