@@ -59,7 +59,8 @@ def test_refuses_bad_operands():
 @needs_kernel
 @pytest.mark.parametrize("out_features", [48, 40])
 def test_w8a8_layers_hold_their_weight_packed_once(out_features):
-    """40 rows cannot be packed in blocks of 16: that layer keeps oneDNN's prepacked weight."""
+    """40 rows cannot be packed in blocks of 16: that layer keeps oneDNN's prepacked weight, and for
+    a compiled engine's one-row graph, its plain integers too; a packed layer never holds them."""
     torch.manual_seed(0)
     linear = nn.Linear(64, out_features).to(torch.bfloat16)
     layer = QuantLinear.from_linear(linear, QuantConfig(bits=8, group_size=-1, act_bits=8))
@@ -72,6 +73,8 @@ def test_w8a8_layers_hold_their_weight_packed_once(out_features):
     # activation's: an fp32 rounding apart at most, before bf16
     torch.testing.assert_close(layer(x), reference(x), rtol=2**-8, atol=1e-6)
     torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), layer.bias), rtol=0.1, atol=0.1)
+    layer.keep_plain_weight()
+    assert (layer.qweight is None) == (out_features % 16 == 0)
 
 
 @needs_kernel

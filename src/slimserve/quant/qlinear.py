@@ -30,8 +30,8 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
   1.2-1.6x faster than oneDNN up to 128 rows, 1.06-1.3x at 512),
   where torch._int_mm repacks the weight at every call (2x slower at 8 rows). Taken only where a
   probe finds oneDNN exact (without VNNI, its u8 x s8 sums can saturate). w8a8.cpp is a torch
-  operator that compiled graphs call without Python; oneDNN's product runs as an opaque call. One row
-  in a compiled graph runs kernels.gemv on the integers instead (keep_plain_weight).
+  operator that compiled graphs call without Python; oneDNN's product runs as an opaque call, and one
+  row in a compiled graph runs kernels.gemv on the integers instead (keep_plain_weight).
 - W8A8_REF: the same arithmetic with a float matmul of the integers (any device).
 - W4A8_CPU: 4-bit weights, any group size, with act_bits 8: activations quantized to int8 per row and
   weight group at run time, products summed exactly in int32 (llama.cpp's Q4_0 x Q8_0 arithmetic):
@@ -464,11 +464,13 @@ class QuantLinear(nn.Module):
         return (acc * x_scales * self.scales.float()).to(self.dtype)
 
     def keep_plain_weight(self) -> None:
-        """For a compiled engine's one-row graph: W8A8_CPU keeps its int8 weight unpacked beside the
-        prepacked one, which kernels.gemv reads faster at one row: SmolLM2-135M's 121 layers in 3.6 ms
-        where oneDNN's product takes 6.6 and w8a8.cpp 4.1 (benchmarks/results/quant_kernels_cpu.md).
-        The layer then holds its weight twice."""
-        if self.kernel is Kernel.W8A8_CPU and self.qweight is None:
+        """For a compiled engine's one-row graph: W8A8_CPU on oneDNN (where w8a8.cpp does not build)
+        keeps its int8 weight unpacked beside the prepacked one, which kernels.gemv reads faster at one
+        row: SmolLM2-135M's 121 layers in 3.6 ms where oneDNN's product takes 6.6
+        (benchmarks/results/quant_kernels_cpu.md). The layer then holds its weight twice. w8a8.cpp's
+        operator decodes as fast as gemv (SmolLM2 W8A8 compiled bs1: 216-249 tok/s either way, 2 Zen 5
+        cores), so its layers hold the weight once."""
+        if self.kernel is Kernel.W8A8_CPU and self.vnni is None and self.qweight is None:
             self.qweight = self._signed_weight().contiguous()
 
     def _signed_weight(self) -> Tensor:
