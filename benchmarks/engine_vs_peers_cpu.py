@@ -10,7 +10,7 @@ channel and its int4 RTN symmetric in groups of 32 (Q4_0's grid), both with bf16
 is that int4 with int8 activations per group of 32 and its w8a8 SmoothQuant with int8 activations per
 token, as llama.cpp's Q8_0 and Q4_0 products quantize activations to 8 bits (in blocks of 32);
 transformers runs fp32 / bf16.
-A profile of slimserve's bf16 bs1 decode and 32-concurrent run says where the time goes.
+Profiles of slimserve's bf16 and w4a8 bs1 decode and 32-concurrent runs say where the time goes.
 Writes benchmarks/results/engine_cpu.md.
 
     python benchmarks/engine_vs_peers_cpu.py [--threads 2] [--repeats 3]
@@ -52,6 +52,7 @@ PRECISIONS = {
                          calib_seq_len=512), "q8_0"),
 }
 PROFILED_OPS = 8
+PROFILED = ("bf16", "w4a8")  # the precisions whose profiles the results file shows
 
 
 def benchmark_prompts(tokenizer) -> tuple[list[int], list[list[int]], list[int]]:
@@ -168,7 +169,7 @@ def main() -> None:
         for compiled in (False, True):
             name = f"slimserve {precision}" + (" compiled" if compiled else "")
             row, row_profiles = in_fresh_process(slimserve_row, weights, dtype, compiled, name, prompts,
-                                                 args.threads, args.repeats, precision == "bf16")
+                                                 args.threads, args.repeats, precision in PROFILED)
             rows.append(row)
             profiles += row_profiles
         if not any(r["engine"] == f"llama.cpp {gguf_type.upper()}" for r in rows):  # Q8_0 serves two rows
@@ -203,9 +204,10 @@ def main() -> None:
         "of 32, whose products quantize the activations to 8 bits too (the Q8_0 row serves int8 and w8a8, "
         "the Q4_0 row int4 and w4a8). "
         "'compiled' = `compile=True`: decode-only steps run as one torch.compile graph for one sequence and one "
-        "for any number, and every other step as a third, for any token count, which calls the linear layers "
-        "and attention as opaque operators (`models/opaque.py`); decode attention is "
-        "`kernels/paged_attention.cpp`'s operator in all of them; "
+        "for any number, and every other step as a third, for any token count, which calls the C++ operators "
+        "of the w8a8, int4 and w4a8 layers as they are and the other linear layers (int8's among them) and "
+        "attention as opaque operators (`models/opaque.py`); attention is `kernels/paged_attention.cpp`'s "
+        "operators (decode, and prefill with every prompt of a step in one call) in every engine; "
         "the warm-up column holds the engine's load and first runs, for compiled engines with their compile "
         "time from an empty torch.compile cache (a first start; later starts reuse the on-disk cache), "
         "excluded from the other columns.",
