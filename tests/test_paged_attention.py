@@ -65,6 +65,13 @@ def reference(q, k_cache, v_cache, block_tables, context_lens, k_new=None, v_new
     return out
 
 
+def assert_matches(out, q, expected):
+    """out has q's dtype and shape and equals the float64 expected to that dtype's rounding (fp32), or
+    to one step of it (bf16)."""
+    assert out.dtype == q.dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), expected.to(q.dtype).double(), **TOLERANCE[q.dtype])
+
+
 @needs_kernel
 @settings(max_examples=80, deadline=None)
 @given(context_lens=st.lists(st.integers(1, 40), min_size=1, max_size=5), num_kv_heads=st.integers(1, 3),
@@ -79,10 +86,8 @@ def test_matches_the_definition(context_lens, num_kv_heads, group, head_dim, blo
     new_dtype = {"none": None, "q": q_dtype, "cache": cache_dtype}[new]
     args = operands(context_lens, num_kv_heads * group, num_kv_heads, head_dim, block_size, q_dtype, cache_dtype,
                     new_dtype, sliding_window, seed)
-    out = paged_attention.decode_attention(*args, sliding_window=sliding_window)
-    assert out.dtype == q_dtype and out.shape == args[0].shape
-    expected = reference(*args, sliding_window=sliding_window)
-    torch.testing.assert_close(out.double(), expected.to(q_dtype).double(), **TOLERANCE[q_dtype])
+    assert_matches(paged_attention.decode_attention(*args, sliding_window=sliding_window), args[0],
+                   reference(*args, sliding_window=sliding_window))
 
 
 @needs_kernel
@@ -247,10 +252,8 @@ def test_prefill_matches_the_definition(sequences, num_kv_heads, group, head_dim
     query_counts = [min(queries, ctx) for ctx, queries in sequences]
     args = prefill_operands(query_counts, [ctx for ctx, _ in sequences], num_kv_heads * group, num_kv_heads,
                             head_dim, block_size, q_dtype, cache_dtype, seed)
-    out = paged_attention.prefill_attention(*args, sliding_window=sliding_window)
-    assert out.dtype == q_dtype and out.shape == args[0].shape
-    expected = prefill_reference(*args, sliding_window=sliding_window)
-    torch.testing.assert_close(out.double(), expected.to(q_dtype).double(), **TOLERANCE[q_dtype])
+    assert_matches(paged_attention.prefill_attention(*args, sliding_window=sliding_window), args[0],
+                   prefill_reference(*args, sliding_window=sliding_window))
 
 
 @needs_kernel
