@@ -1,8 +1,9 @@
-// Paged decode attention with AVX512 (F, BW, VL, DQ): one query token per sequence, softmax(q kᵀ ·
-// scale) v over the positions its block table lists, as models/attention.py's decode_attention
-// computes it (scores, softmax and sums in fp32; only the order of the sums differs). q fp32 or bf16,
-// the cache fp32 or bf16, the output in q's dtype. Built and registered by paged_attention.py as the
-// torch operator slimserve::decode_attention, so a compiled graph calls it without Python.
+// Paged attention with AVX512 (F, BW, VL, DQ), softmax(q kᵀ · scale) v over the positions each
+// sequence's block table lists, scores, softmax and sums in fp32; q fp32 or bf16, the cache fp32 or
+// bf16, the output in q's dtype. Built and registered by paged_attention.py as the torch operators
+// slimserve::decode_attention (one query token per sequence, as models/attention.py's decode_attention
+// computes it; only the order of the sums differs) and slimserve::prefill_attention (the last query
+// tokens of each sequence, causal; below), so a compiled graph calls them without Python.
 //
 // Decode attention is the time to read the cache. One task per (sequence, KV head): its keys are read
 // once, in position order, each widened once and dotted with the group's query heads; then its values
