@@ -158,9 +158,19 @@ struct Args {
   float scale;
 };
 
-// The first position a decode query at position ctx - 1 sees (models/attention.py's decode_allowed).
-int64_t first_position(int64_t ctx, int64_t sliding_window) {
-  return sliding_window > 0 ? std::max<int64_t>(0, ctx - sliding_window) : 0;
+// The first position a query at position `pos` sees (models/attention.py's causal_allowed; a decode
+// query is at its context's last position).
+int64_t first_seen(int64_t pos, int64_t sliding_window) {
+  return sliding_window > 0 ? std::max<int64_t>(0, pos - sliding_window + 1) : 0;
+}
+
+// Every block table entry (sequence i) for positions [first, end) lies in the cache: checked before a
+// parallel loop, which cannot raise.
+void check_blocks(const char* op, const int64_t* table, int64_t i, int64_t first, int64_t end, int64_t block_size,
+                  int64_t num_blocks) {
+  for (int64_t b = first / block_size; b * block_size < end; ++b)
+    STD_TORCH_CHECK(table[b] >= 0 && table[b] < num_blocks, op, ": block table entry (", i, ", ", b, ") is ",
+                    table[b], ", outside the cache's ", num_blocks, " blocks");
 }
 
 // out (n, H, D) for q of type Q and a cache of type C, one task per (sequence, KV head): q and out
@@ -179,7 +189,7 @@ void attend(const Args& a, int threads) {
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < a.n * a.Hkv; ++task) {
       const int64_t i = task / a.Hkv, kv = task % a.Hkv, ctx = a.context_lens[i];
-      const int64_t first = first_position(ctx, a.sliding_window), L = ctx - first;
+      const int64_t first = first_seen(ctx - 1, a.sliding_window), L = ctx - first;
       const int64_t head_size = a.num_blocks * a.block_size * D;
       Positions<C> p{(const C*)a.k_cache + kv * head_size, (const C*)a.v_cache + kv * head_size, nullptr, L,
                      a.k_new ? L - 1 : L};
@@ -227,12 +237,8 @@ void check_tables(const Args& a) {
     const int64_t ctx = a.context_lens[i], table_end = a.max_blocks * a.block_size;
     STD_TORCH_CHECK(ctx >= 1 && ctx <= table_end, "decode_attention: sequence ", i, " has context length ", ctx,
                     ", outside 1 to the ", table_end, " positions its block table holds");
-    const int64_t first = first_position(ctx, a.sliding_window), cached_end = a.k_new ? ctx - 1 : ctx;
-    for (int64_t b = first / a.block_size; b * a.block_size < cached_end; ++b) {
-      const int64_t block = a.block_tables[i * a.max_blocks + b];
-      STD_TORCH_CHECK(block >= 0 && block < a.num_blocks, "decode_attention: block table entry (", i, ", ", b,
-                      ") is ", block, ", outside the cache's ", a.num_blocks, " blocks");
-    }
+    check_blocks("decode_attention", a.block_tables + i * a.max_blocks, i, first_seen(ctx - 1, a.sliding_window),
+                 a.k_new ? ctx - 1 : ctx, a.block_size, a.num_blocks);
   }
 }
 
@@ -319,11 +325,6 @@ struct PrefillArgs {
   int64_t n, H, Hkv, D, num_blocks, block_size, max_blocks, sliding_window;
   float scale;
 };
-
-// The first position a query at position `pos` sees (models/attention.py's causal_allowed).
-int64_t first_seen(int64_t pos, int64_t sliding_window) {
-  return sliding_window > 0 ? std::max<int64_t>(0, pos - sliding_window + 1) : 0;
-}
 
 // scores (L, Rp) = keys (L, Dk) · qt (D, Rp), Rp a multiple of 16: 8 positions by 3 x 16 rows at a time.
 void score_positions(const float* keys, int64_t L, int64_t Dk, const float* qt, int64_t D, int64_t Rp,
@@ -455,12 +456,9 @@ void check_prefill_tables(const PrefillArgs& a, int64_t T) {
     STD_TORCH_CHECK(queries >= 0 && queries <= ctx && ctx <= table_end, "prefill_attention: sequence ", i, " has ",
                     queries, " queries and context length ", ctx, ", not 0 <= queries <= context <= the ", table_end,
                     " positions its block table holds");
-    if (queries == 0) continue;
-    for (int64_t b = first_seen(ctx - queries, a.sliding_window) / a.block_size; b * a.block_size < ctx; ++b) {
-      const int64_t block = a.block_tables[i * a.max_blocks + b];
-      STD_TORCH_CHECK(block >= 0 && block < a.num_blocks, "prefill_attention: block table entry (", i, ", ", b,
-                      ") is ", block, ", outside the cache's ", a.num_blocks, " blocks");
-    }
+    if (queries > 0)
+      check_blocks("prefill_attention", a.block_tables + i * a.max_blocks, i,
+                   first_seen(ctx - queries, a.sliding_window), ctx, a.block_size, a.num_blocks);
   }
 }
 

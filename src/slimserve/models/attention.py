@@ -80,7 +80,7 @@ class AttentionMetadata:
                 positions = torch.arange(int(context_lens.max()))
                 tables = torch.where(positions < context_lens[:, None], starts[:-1, None] + positions, -1)
             else:
-                tables = self.block_tables[n:].cpu()
+                tables = self.block_tables[n:]
             self._prefill_layout = tables.contiguous(), starts, context_lens
         return self._prefill_layout
 
