@@ -123,15 +123,17 @@ def test_act_order_g_idx_dequantizes_consistently(static_groups):
     torch.testing.assert_close(module(x), F.linear(x, weight, layer.bias), rtol=1e-4, atol=1e-4)
 
 
-def test_hessian_is_running_mean_over_batches():
-    layer = nn.Linear(32, 8)
-    x = correlated_inputs(100, 32, seed=5)
+@pytest.mark.parametrize("in_features", [32, 37])  # 37: the last of the Hessian's block rows is narrower
+def test_hessian_is_running_mean_over_batches(in_features):
+    layer = nn.Linear(in_features, 8)
+    x = correlated_inputs(100, in_features, seed=5)
     whole, parts = GPTQ(layer), GPTQ(layer)
     whole.add_batch(x)
     for chunk in (x[:13], x[13:14], x[14:]):
-        parts.add_batch(chunk.reshape(1, -1, 32))  # leading dims are flattened into tokens
+        parts.add_batch(chunk.reshape(1, -1, in_features))  # leading dims are flattened into tokens
     torch.testing.assert_close(parts.hessian, whole.hessian)
     torch.testing.assert_close(whole.hessian, 2 / 100 * x.t() @ x)
+    torch.testing.assert_close(whole.hessian, whole.hessian.t(), rtol=0, atol=0)
     assert parts.num_samples == 100
 
 
