@@ -178,7 +178,11 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
                      "lowers each layer's output error by 8-18 % on calibration tokens its search did not see, "
                      "position-0 tokens included, yet perplexity rises; which layers' clips cost it is spread "
                      "over the depth (clipping gate/up in layers 0-11 only, or 12-23 only, each costs about half). "
-                     "Why a lower layer error gives a higher perplexity here is not understood.")
+                     "Why a lower layer error gives a higher perplexity here is not understood, but it is the "
+                     "method's result on this checkpoint, not this implementation's: AutoAWQ's own "
+                     "quantizer, given the same weights and calibration tokens, loses to RTN on Qwen2.5-0.5B as "
+                     "this AWQ does (results/awq_reference_qwen2.5-coder-0.5b.md: +16.87 % with clipping, +9.79 % "
+                     "without, RTN +10.03 %; slimserve +15.23 % and +9.65 %).")
     if any(r.quantize_seconds >= GPTQ_SECONDS_TARGET for r in rows if r.method == "gptq"):
         found.append("GPTQ time is dominated by matrix products proportional to the calibration tokens: the "
                      "calibration forward pass through each layer and the Hessians' x xᵀ sums (on SmolLM2 at "

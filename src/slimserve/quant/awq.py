@@ -15,7 +15,8 @@ QuantConfig.awq_clip is off (for the model or per module). Layout, grids and the
 follow the reference implementation (AutoAWQ): the block inspected for q/k/v is the whole
 attention, for gate/up the whole MLP; q/k are not clipped (their errors pass through the q·kᵀ
 product); o_proj is scaled through v_proj only when their shapes match (no grouped-query
-attention); the next layer sees the float (scaled) layer's output.
+attention); the next layer sees the float (scaled) layer's output. benchmarks/awq_reference.py
+runs AutoAWQ's own quantizer beside this one on the same weights, calibration and harness.
 """
 
 import math
