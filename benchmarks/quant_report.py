@@ -212,8 +212,9 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
                      "models lose more per bit: published 4-bit g128 GPTQ figures at this size are +5 % for GPT-2 "
                      "124M (AutoGPTQ) and +10 % for OPT-125M (Keras' GPTQ guide), and a published llama.cpp "
                      "perplexity table of Qwen2.5-0.5B-Instruct's GGUF quants (importance-matrix quantization, blocks "
-                     "of 32) gives Q4_0 +12.6 %, Q4_1 +6.6 %, IQ4_NL +4.4 % over F16; only mixes keeping some tensors "
-                     "at 5-6 bits stay under 4 % (Q4_K_M +1.7 %), and Q8_0 costs +0.38 %.")
+                     "of 32) gives Q4_0 +12.6 %, Q4_1 +6.6 %, IQ4_NL +4.4 % over F16 (only mixes keeping some tensors "
+                     "at 5-6 bits stay under 4 %: Q4_K_M +1.7 %), at 3 bits Q3_K_S +17.1 % and the lattice-codebook "
+                     "IQ3_XXS +11.8 %, and Q8_0 +0.38 %.")
     return found
 
 
