@@ -147,8 +147,8 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
     if rtn >= 0.3:
         found.append(f"W8A16 RTN per channel misses 0.3 % ({rtn:+.2f} %): one symmetric scale per row rounds the "
                      f"weights that meet the largest activations as coarsely as the rest. GPTQ at 8 bits per channel "
-                     f"({gptq:+.2f} %) keeps the same layout, and so the packed int8 kernel, and corrects that error "
-                     f"from the calibration Hessian. Asymmetric groups of {group} ({grouped:+.2f} %) need no "
+                     f"({gptq:+.2f} %) keeps the same layout, and so the packed int8 kernel, and corrects part of that "
+                     f"error from the calibration Hessian. Asymmetric groups of {group} ({grouped:+.2f} %) need no "
                      "calibration and run the same kernel (w8a16.cpp), which dequantizes each 32 weights as it "
                      "reads them.")
     if 0.3 <= gptq and head_bf16 < gptq:
@@ -197,13 +197,13 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
                  "(+31.93 % against +27.59 %) and its W8 per-channel RTN too (+0.69 % against +0.59 %), and the "
                  "search adds to GPTQ's time (quantize s: 80 trial ranges a group).")
     w4_gptq = delta_ppl_percent(by_name[f"W4 g{group} GPTQ"], base)
-    full_calib = by_name.get(default_calib_name(group))
-    if full_calib is not None:
-        full = delta_ppl_percent(full_calib, base)
+    full_row = by_name.get(default_calib_name(group))
+    if full_row is not None:
+        full = delta_ppl_percent(full_row, base)
         found.append(f"Calibration size: W4 GPTQ reads {w4_gptq:+.2f} % at this report's calibration and "
                      f"{full:+.2f} % at the issue's default, {DEFAULT_CALIB['num_calib_samples']} x "
-                     f"{DEFAULT_CALIB['calib_seq_len']} tokens (row \"{full_calib.name}\", "
-                     f"{full_calib.quantize_seconds:.0f} s to quantize); the other calibrated rows use the smaller "
+                     f"{DEFAULT_CALIB['calib_seq_len']} tokens (row \"{full_row.name}\", "
+                     f"{full_row.quantize_seconds:.0f} s to quantize); the other calibrated rows use the smaller "
                      "calibration for this report's run time. Longer sequences, not more tokens, are what cost: on "
                      "SmolLM2 (W4 g64, one-off, this protocol) 128 x 512 tokens read +10.35 % and 32 x 2048, as many "
                      "tokens, +18.82 %. The position-0 tokens (attention sinks, 99 % of one layer's down_proj Hessian "
@@ -251,7 +251,7 @@ def main() -> None:
     head = ("SmolLM2 ties it to the embedding, so the one matrix is stored once, quantized, and the embedding "
             "reads its dequantized rows (all counted in MB on disk)." if facts.tied_head else
             "It is a separate matrix from the embedding, which stays in full precision (counted in MB on disk).")
-    full_calib = "" if calib == DEFAULT_CALIB else f"; row \"{default_calib_name(group)}\": the issue's default instead"
+    calib_note = "" if calib == DEFAULT_CALIB else f"; row \"{default_calib_name(group)}\": the issue's default instead"
     preamble = f"""# Quantization on {facts.title} (CPU)
 
 {machine.markdown()}
@@ -263,7 +263,7 @@ def main() -> None:
   ({"all" if args.max_windows is None else f"--max-windows {args.max_windows}"}). Δppl is relative to fp32.
 - Calibration (GPTQ, AWQ, SmoothQuant): `sotu-calib`, the addresses before {SOTU_EVAL_FROM_YEAR} (disjoint
   from the evaluation text), {args.calib_samples} random non-overlapping windows x {args.calib_seq_len} tokens,
-  seed 0{full_calib}.
+  seed 0{calib_note}.
 - Groups of {group} columns, asymmetric, for 4 and 3 bits: every layer's input width is {group_reason}.
   W8 rows are symmetric per output channel (the packed int8 kernel's layout) unless named g{group}.
 - lm_head: 8 bits per output channel (symmetric) in the 4- and 3-bit rows, the layers' own scheme in the
