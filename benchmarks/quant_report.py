@@ -208,11 +208,17 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
                      f"{full:+.2f} % at the issue's default, {DEFAULT_CALIB['num_calib_samples']} x "
                      f"{DEFAULT_CALIB['calib_seq_len']} tokens (row \"{full_row.name}\", "
                      f"{full_row.quantize_seconds:.0f} s to quantize); the other calibrated rows use the smaller "
-                     "calibration for this report's run time. Longer sequences, not more tokens, are what cost: on "
-                     "SmolLM2 (W4 g64, one-off, this protocol) 128 x 512 tokens read +10.35 % and 32 x 2048, as many "
-                     "tokens, +18.82 %. The position-0 tokens (attention sinks, 99 % of one layer's down_proj Hessian "
-                     "trace) are why: dropped from the Hessians of 128 x 512, it reads +32.40 %; counted four times "
-                     "in those of 32 x 2048, as often as in 512-token sequences, +12.83 %.")
+                     "calibration for this report's run time.")
+    found.append(f"GPTQ's sink weight: each calibration sequence's first token, the attention sink every later token "
+                 f"reads, counts {QuantConfig.sink_weight:g} times in the Hessians. Counted once, as in the GPTQ "
+                 "reference, it carries up to 99 % of a down_proj Hessian's trace yet a small share of its weight, "
+                 "and longer sequences dilute it further: W4 GPTQ on a lent H100 (results/gptq_sink_weight_*.md, "
+                 "this protocol, quantized on the GPU) reads on SmolLM2 +12.03 % at 32 x 512 and +18.07 % at "
+                 "128 x 2048 with weight 1, +8.84 % and +7.02 % with 16; on Qwen2.5-0.5B +4.61 % at 64 x 512 and "
+                 "+4.83 % at 128 x 2048 with weight 1, +3.26 % and +3.71 % with 16. Every weight from 4 to 256 beats "
+                 "1; 16 is the best or within 0.3 points of it in 6 of the 8 sweeps that tried 64 too (4 windows "
+                 "and all 114-115, per calibration); both others favour 64 (SmolLM2 32 x 2048, 4 windows: +8.85 "
+                 "against +7.77 %; Qwen 128 x 2048, all windows: +3.37 against +3.06 %).")
     if w4_gptq >= 4:
         found.append("Why 4 and 3 bits miss: re-quantizing a quantized checkpoint "
                      f"({facts.source}) is not it: Qwen's weights dithered off their 4-bit grid moved RTN's and GPTQ's "
@@ -283,7 +289,8 @@ def main() -> None:
   (gate/up), v_proj's rows (o_proj, one scale per KV head's channel) and up_proj (down_proj).
 - W4A8: the W4 rows' integers with int8 activations per row and group of {group} columns computed at run time
   (`kernels/w4a8.cpp`), lm_head W8A8 per token: the arithmetic of llama.cpp's Q4_0 x Q8_0 products.
-- GPTQ: W4/W3 with act-order (desc_act), W8 per channel without; damping 1 %. Scales from each group's
+- GPTQ: W4/W3 with act-order (desc_act), W8 per channel without; damping 1 %; each calibration sequence's
+  first token counts {QuantConfig.sink_weight:g} times in the Hessians (see the notes). Scales from each group's
   min and max, except in "mse" rows (`--mse`): there each group's range is shrunk by up to 79 % in steps of
   1 % to minimize Σ |w - dequantized|^2.4, the GPTQ reference's `mse` option (lm_head stays min-max).
 - Quantize s: calibration + method on the fp32 model, without loading and saving.

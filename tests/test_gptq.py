@@ -137,6 +137,19 @@ def test_hessian_is_running_mean_over_batches(in_features):
     assert parts.num_samples == 100
 
 
+def test_weighted_rows_count_as_repeated_rows():
+    layer = nn.Linear(37, 8)
+    x = correlated_inputs(20, 37, seed=8)
+    weights = torch.ones(20)
+    weights[[0, 7]] = torch.tensor([3.0, 16.0])
+    weighted, repeated = GPTQ(layer), GPTQ(layer)
+    weighted.add_batch(x[:10], weights[:10])
+    weighted.add_batch(x[10:], weights[10:])
+    repeated.add_batch(x.repeat_interleave(weights.long(), dim=0))
+    torch.testing.assert_close(weighted.hessian, repeated.hessian)
+    assert weighted.num_samples == repeated.num_samples == 18 + 3 + 16
+
+
 def test_dead_inputs_get_zero_weight():
     layer = nn.Linear(64, 16, bias=False)
     x = correlated_inputs(256, 64, seed=6)
@@ -258,3 +271,34 @@ def test_layer_stages_reproduce_the_decoder_layer():
     assert stages == [QKV, ["self_attn.o_proj"], GATE_UP, ["mlp.down_proj"]]
     for chunk, out in zip(chunks, expected):
         torch.testing.assert_close(chunk.hidden, out)
+
+
+def test_token_weights_mark_each_sequences_first_token():
+    model = tiny_llama()
+    calib = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (20, 7, 30, 5)]
+    chunks = embed_calibration(model, calib, "GPTQ", chunk_tokens=32)
+    weights = [chunk.token_weights(16.0) for chunk in chunks]
+    assert [w.shape[0] for w in weights] == [27, 30, 5]
+    assert [torch.nonzero(w == 16).flatten().tolist() for w in weights] == [[0, 20], [0], [0]]
+    assert sum(int((w == 1).sum()) for w in weights) == 62 - 4
+
+
+def test_first_layer_hessian_counts_each_sequence_start_sink_weight_times():
+    model = tiny_llama()
+    calib = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (20, 7, 30)]
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        x = torch.cat([layer.input_layernorm(model.model.embed_tokens(ids)) for ids in calib])
+        qkv = torch.cat([layer.get_submodule(name).weight for name in QKV])
+
+        def expected(sink_weight: float) -> torch.Tensor:
+            weights = torch.ones(len(x))
+            weights[[0, 20, 27]] = sink_weight
+            hessian = 2 * (x * weights[:, None]).t() @ x / weights.sum()
+            return gptq_quantize_weight(qkv, hessian, 4, 32, sym=False)[0]
+
+        weighted, unweighted = expected(16.0), expected(1.0)
+    assert (weighted != unweighted).float().mean() > 0.01  # the weight matters at this size
+    gptq_quantize(model, calib, QuantConfig(method="gptq", bits=4, group_size=32, sym=False, sink_weight=16.0))
+    q = torch.cat([layer.get_submodule(name).quantized()[0] for name in QKV])
+    assert (q != weighted).float().mean() < 1e-3  # only float summation order may differ

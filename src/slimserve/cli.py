@@ -107,6 +107,9 @@ def quantize(
     calib: Annotated[str, typer.Option(help="Calibration text: sotu-calib, moby-dick or a file.")] = "sotu-calib",
     num_calib_samples: int = _QUANT.num_calib_samples,
     calib_seq_len: int = _QUANT.calib_seq_len,
+    sink_weight: Annotated[float, typer.Option(help="GPTQ: how many times each calibration sequence's first token "
+                                                    "(its attention sink) counts in the Hessians.")]
+    = _QUANT.sink_weight,
     format: Annotated[str, typer.Option(help="slimserve, gptq or awq.")] = "slimserve",
     out: Annotated[Path, typer.Option(help="Folder to write.")] = Path("quantized"),
 ):
@@ -118,7 +121,7 @@ def quantize(
     try:
         config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                              awq_clip=awq_clip, mse=mse, act_bits=act_bits, num_calib_samples=num_calib_samples,
-                             calib_seq_len=calib_seq_len)
+                             calib_seq_len=calib_seq_len, sink_weight=sink_weight)
         result = run_quantize(model, config, out, calib_dataset=calib, format=format)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))

@@ -32,6 +32,7 @@ class QuantConfig:
     awq_clip: bool = True  # AWQ: search each group's clipping range after scaling (AutoAWQ's apply_clip)
     mse: bool = False  # RTN, GPTQ, SmoothQuant: search each scale's range (rtn.py), not min-max
     block_size: int = 128  # GPTQ lazy-update block width (columns)
+    sink_weight: float = 16.0  # GPTQ: each calibration sequence's first token counts this often (quant/gptq.py)
     num_calib_samples: int = 128
     calib_seq_len: int = 2048
     modules: dict[str, dict] = field(default_factory=dict)
@@ -51,6 +52,8 @@ class QuantConfig:
             raise ValueError(f"mse searches RTN's and GPTQ's ranges; {self.method} has its own (awq_clip for AWQ)")
         if not 0 < self.damp_percent <= 1:
             raise ValueError(f"damp_percent must be in (0, 1], got {self.damp_percent}")
+        if not self.sink_weight > 0:
+            raise ValueError(f"sink_weight must be positive, got {self.sink_weight}")
         for name in ("block_size", "num_calib_samples", "calib_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -1,0 +1,104 @@
+"""GPTQ's sink_weight swept: W4 perplexity for each weight of the calibration sequences' first tokens.
+
+Each calibration sequence's first token is the attention sink every later token reads; GPTQ's
+Hessians count it sink_weight times (quant/gptq.py). For each calibration shape and weight, the
+model is quantized as quant_report's W4 GPTQ row (g128 asym on Qwen, g64 on SmolLM2, act-order,
+lm_head 8-bit per channel), cast to bf16 and evaluated under the SOTU protocol on the first
+--max-windows windows and, with --all-windows, on all of them. Runs where the model fits: a lent GPU makes the sweep
+minutes long. Writes benchmarks/results/gptq_sink_weight_<model>.md.
+
+    python benchmarks/gptq_sink_weight.py [--model smollm2-135m] [--weights 1,4,16,64]
+        [--calib 32x512,128x2048] [--all-windows] [--device cuda]
+"""
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from slimserve.assets import resolve_model
+from slimserve.config import QuantConfig
+from slimserve.eval.datasets import load_text
+from slimserve.eval.machine import machine_info
+from slimserve.eval.perplexity import perplexity, window_size
+from slimserve.models.loader import load_config, load_model, load_tokenizer
+from slimserve.quant.calibrate import calibration_batches
+from slimserve.quant.formats import tie_quantized_embeddings
+from slimserve.quant.gptq import gptq_quantize
+from slimserve.quant.pipeline import default_group_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--weights", default="1,4,16,64,256")
+    parser.add_argument("--calib", default="32x512,128x2048", help="samples x tokens, comma-separated")
+    parser.add_argument("--max-windows", type=int, default=4)
+    parser.add_argument("--all-windows", action="store_true", help="also evaluate every window (GPU: seconds)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    machine = machine_info()
+    torch.set_default_device(args.device)  # calibration, positions and perplexity windows where the model is
+
+    path = resolve_model(args.model)
+    tokenizer = load_tokenizer(path)
+    eval_ids = tokenizer.encode(load_text("sotu"))
+    base = load_model(path, torch.float32).to(args.device)
+    window = window_size(base.max_model_len)
+    group = default_group_size(load_config(path))
+
+    def measure(model: torch.nn.Module) -> tuple[float, float]:
+        every = perplexity(model, eval_ids, window, progress=False).ppl if args.all_windows else float("nan")
+        return perplexity(model, eval_ids, window, args.max_windows, progress=False).ppl, every
+
+    fp32 = measure(base)
+    rows = [f"| fp32 | — | — | {fp32[0]:.4f} | +0.00 | {fp32[1]:.4f} | +0.00 | — |"]
+    for shape in args.calib.split(","):
+        samples, seq_len = map(int, shape.split("x"))
+        with torch.device("cpu"):  # its seeded generator
+            calib = [ids.to(args.device) for ids in calibration_batches(tokenizer, num_samples=samples,
+                                                                         seq_len=seq_len)]
+        for weight in map(float, args.weights.split(",")):
+            config = QuantConfig(method="gptq", bits=args.bits, group_size=group, sym=False, act_order=True,
+                                 sink_weight=weight, num_calib_samples=samples, calib_seq_len=seq_len,
+                                 modules={"lm_head": {"bits": 8, "group_size": -1, "sym": True}})
+            model = copy.deepcopy(base)
+            start = time.perf_counter()
+            gptq_quantize(model, calib, config)
+            seconds = time.perf_counter() - start
+            model.to(torch.bfloat16)
+            tie_quantized_embeddings(model)
+            few, every = measure(model)
+            rows.append(f"| {samples} x {seq_len} | {weight:g} | {weight / seq_len:.2%} | {few:.4f} | "
+                        f"{100 * (few / fp32[0] - 1):+.2f} | {every:.4f} | {100 * (every / fp32[1] - 1):+.2f} | "
+                        f"{seconds:.0f} |")
+            print(rows[-1], flush=True)
+            del model
+
+    num_windows = len(eval_ids) // window
+    text = "\n".join([
+        f"# GPTQ's sink weight on {args.model}",
+        "",
+        machine.markdown(),
+        "",
+        f"W{args.bits} g{group} asym GPTQ, act-order, lm_head W8 per channel; fp32 quantization on {args.device}, "
+        f"perplexity in bf16 on `sotu` windows of {window} tokens: the first {args.max_windows} (the quant "
+        f"reports' protocol) and all {num_windows}. Calibration: `sotu-calib`, seed 0. Share: the sink "
+        "weight over the sequence's length. Seconds: GPTQ on this device.",
+        "",
+        f"| calibration | sink weight | share | ppl ({args.max_windows} windows) | Δ % | ppl (all) | Δ % | s |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"gptq_sink_weight_{args.model}_w{args.bits}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
