@@ -34,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--mse", action="store_true", help="search each group's range (QuantConfig.mse)")
     parser.add_argument("--weights", default="1,4,16,64,256")
     parser.add_argument("--calib", default="32x512,128x2048", help="samples x tokens, comma-separated")
     parser.add_argument("--max-windows", type=int, default=4)
@@ -64,8 +65,8 @@ def main() -> None:
                                                                          seq_len=seq_len)]
         for weight in map(float, args.weights.split(",")):
             config = QuantConfig(method="gptq", bits=args.bits, group_size=group, sym=False, act_order=True,
-                                 sink_weight=weight, num_calib_samples=samples, calib_seq_len=seq_len,
-                                 modules={"lm_head": {"bits": 8, "group_size": -1, "sym": True}})
+                                 mse=args.mse, sink_weight=weight, num_calib_samples=samples, calib_seq_len=seq_len,
+                                 modules={"lm_head": {"bits": 8, "group_size": -1, "sym": True, "mse": False}})
             model = copy.deepcopy(base)
             start = time.perf_counter()
             gptq_quantize(model, calib, config)
@@ -80,12 +81,13 @@ def main() -> None:
             del model
 
     num_windows = len(eval_ids) // window
+    scheme = f"W{args.bits}" + (" mse" if args.mse else "")
     text = "\n".join([
         f"# GPTQ's sink weight on {args.model}",
         "",
         machine.markdown(),
         "",
-        f"W{args.bits} g{group} asym GPTQ, act-order, lm_head W8 per channel; fp32 quantization on {args.device}, "
+        f"{scheme} g{group} asym GPTQ, act-order, lm_head W8 per channel; fp32 quantization on {args.device}, "
         f"perplexity in bf16 on `sotu` windows of {window} tokens: the first {args.max_windows} (the quant "
         f"reports' protocol) and all {num_windows}. Calibration: `sotu-calib`, seed 0. Share: the sink "
         "weight over the sequence's length. Seconds: GPTQ on this device.",
@@ -96,7 +98,7 @@ def main() -> None:
         "",
     ])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"gptq_sink_weight_{args.model}_w{args.bits}.md").write_text(text)
+    (args.out / f"gptq_sink_weight_{args.model}_w{args.bits}{'_mse' if args.mse else ''}.md").write_text(text)
     print(text)
 
 
