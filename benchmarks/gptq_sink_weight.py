@@ -1,13 +1,13 @@
-"""GPTQ's sink_weight swept: W4 perplexity for each weight of the calibration sequences' first tokens.
+"""GPTQ's sink_weight swept: perplexity for each weight of the calibration sequences' first tokens.
 
 Each calibration sequence's first token is the attention sink every later token reads; GPTQ's
 Hessians count it sink_weight times (quant/gptq.py). For each calibration shape and weight, the
-model is quantized as quant_report's W4 GPTQ row (g128 asym on Qwen, g64 on SmolLM2, act-order,
-lm_head 8-bit per channel), cast to bf16 and evaluated under the SOTU protocol on the first
---max-windows windows and, with --all-windows, on all of them. Runs where the model fits: a lent GPU makes the sweep
-minutes long. Writes benchmarks/results/gptq_sink_weight_<model>.md.
+model is quantized as quant_report's W4/W3 GPTQ rows (g128 asym on Qwen, g64 on SmolLM2,
+act-order, lm_head 8-bit per channel, ranges min-max unless --mse), cast to bf16 and evaluated under the SOTU
+protocol on the first --max-windows windows and, with --all-windows, on all of them. A lent GPU
+makes a sweep minutes long. Writes benchmarks/results/gptq_sink_weight_<model>_w<bits>[_mse].md.
 
-    python benchmarks/gptq_sink_weight.py [--model smollm2-135m] [--weights 1,4,16,64]
+    python benchmarks/gptq_sink_weight.py [--model smollm2-135m] [--bits 4] [--mse] [--weights 1,4,16,64]
         [--calib 32x512,128x2048] [--all-windows] [--device cuda]
 """
 
