@@ -29,6 +29,8 @@ from slimserve.quant.formats import tie_quantized_embeddings
 from slimserve.quant.gptq import gptq_quantize
 from slimserve.quant.pipeline import default_group_size
 
+from quant_report import low_bit_scheme  # this folder's
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -64,9 +66,8 @@ def main() -> None:
             calib = [ids.to(args.device) for ids in calibration_batches(tokenizer, num_samples=samples,
                                                                          seq_len=seq_len)]
         for weight in map(float, args.weights.split(",")):
-            config = QuantConfig(method="gptq", bits=args.bits, group_size=group, sym=False, act_order=True,
-                                 mse=args.mse, sink_weight=weight, num_calib_samples=samples, calib_seq_len=seq_len,
-                                 modules={"lm_head": {"bits": 8, "group_size": -1, "sym": True, "mse": False}})
+            config = QuantConfig(method="gptq", bits=args.bits, act_order=True, mse=args.mse, sink_weight=weight,
+                                 num_calib_samples=samples, calib_seq_len=seq_len, **low_bit_scheme(group))
             model = copy.deepcopy(base)
             start = time.perf_counter()
             gptq_quantize(model, calib, config)

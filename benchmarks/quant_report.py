@@ -60,11 +60,15 @@ def default_calib_name(group: int) -> str:
     return f"W4 g{group} GPTQ, calib {DEFAULT_CALIB['num_calib_samples']} x {DEFAULT_CALIB['calib_seq_len']}"
 
 
+def low_bit_scheme(group: int) -> dict:
+    """QuantConfig fields of the 4- and 3-bit rows: asymmetric groups, lm_head at 8 bits per channel (as
+    llama.cpp's mixes keep the output matrix wider) and min-max in every row."""
+    return dict(group_size=group, sym=False,
+                modules={"lm_head": {"bits": 8, "group_size": -1, "sym": True, "mse": False}})
+
+
 def variants(calib: dict, group: int) -> list[Variant]:
-    # lm_head at 8 bits per channel beside 4/3-bit layers, as llama.cpp's mixes keep the output matrix wider,
-    # min-max in every row
-    low = dict(group_size=group, sym=False,
-               modules={"lm_head": {"bits": 8, "group_size": -1, "sym": True, "mse": False}})
+    low = low_bit_scheme(group)
     default_calib = [] if calib == DEFAULT_CALIB else [
         Variant(default_calib_name(group), "bf16", QuantConfig(method="gptq", bits=4, act_order=True, **low,
                                                                **DEFAULT_CALIB))]
