@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,6 +150,38 @@ def test_weighted_rows_count_as_repeated_rows():
     repeated.add_batch(x.repeat_interleave(weights.long(), dim=0))
     torch.testing.assert_close(weighted.hessian, repeated.hessian)
     assert weighted.num_samples == repeated.num_samples == 18 + 3 + 16
+
+
+@pytest.mark.parametrize("fp_target", [1.0, 0.25])
+def test_target_weight_fits_float_outputs_from_quantized_inputs(fp_target):
+    """The least-squares fit of the float outputs W x_fp from the drifted inputs x, solved here by
+    lstsq on the weighted, damped system, taken fp_target of the way from W."""
+    torch.manual_seed(0)
+    layer = nn.Linear(37, 8, bias=False)
+    x_fp = correlated_inputs(200, 37, seed=9)
+    x = x_fp + 0.1 * torch.randn_like(x_fp)  # the inputs quantized layers before it produce
+    weights = torch.ones(200)
+    weights[[0, 50]] = 16.0
+    gptq = GPTQ(layer, fp_target)
+    gptq.add_batch(x[:120], weights[:120], x_fp[:120])
+    gptq.add_batch(x[120:], weights[120:], x_fp[120:])
+    W = layer.weight.detach()
+    rows = (2 * weights / weights.sum()).sqrt()[:, None]
+    damp = 0.01 * torch.mean(torch.diag(gptq.hessian))
+    A = torch.cat([rows * x, damp.sqrt() * torch.eye(37)]).double()
+    B = torch.cat([rows * (x_fp @ W.t()), damp.sqrt() * W.t()]).double()
+    fit = torch.linalg.lstsq(A, B).solution.t().float()
+    torch.testing.assert_close(gptq.target_weight(W, 0.01), W + fp_target * (fit - W), rtol=1e-4, atol=1e-5)
+    assert (fit - W).norm() > 0.05 * W.norm()  # the drift moves the target
+
+
+def test_target_weight_is_the_weight_without_drift():
+    layer = nn.Linear(37, 8)
+    x = correlated_inputs(50, 37, seed=10)
+    gptq = GPTQ(layer, fp_target=1.0)
+    gptq.add_batch(x, fp_inp=x)
+    assert torch.equal(gptq.target_weight(layer.weight, 0.01), layer.weight.float())
+    assert GPTQ(layer).target_weight(layer.weight, 0.01) is layer.weight  # fp_target 0: no float model
 
 
 def test_dead_inputs_get_zero_weight():
@@ -302,3 +336,28 @@ def test_first_layer_hessian_counts_each_sequence_start_sink_weight_times():
     gptq_quantize(model, calib, QuantConfig(method="gptq", bits=4, group_size=32, sym=False, sink_weight=16.0))
     q = torch.cat([layer.get_submodule(name).quantized()[0] for name in QKV])
     assert (q != weighted).float().mean() < 1e-3  # only float summation order may differ
+
+
+def test_fp_target_gives_each_linear_the_float_models_inputs(monkeypatch):
+    """Layer 1's q/k/v read the quantized layer 0's output, and their float inputs are the float model's."""
+    model = tiny_llama()
+    float_model = copy.deepcopy(model)
+    calib = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (20, 7)]
+    q_proj = model.model.layers[1].self_attn.q_proj
+    seen = []
+    add_batch = GPTQ.add_batch
+
+    def spy(self, inp, weights=None, fp_inp=None):
+        if self.layer is q_proj:
+            seen.append((inp.clone(), fp_inp.clone()))
+        add_batch(self, inp, weights, fp_inp)
+
+    monkeypatch.setattr(GPTQ, "add_batch", spy)
+    gptq_quantize(model, calib, QuantConfig(method="gptq", bits=3, group_size=32, sym=False, fp_target=0.5))
+    (inp, fp_inp), = seen  # both sequences fit one chunk
+    with torch.no_grad():
+        (chunk,) = embed_calibration(float_model, calib, "GPTQ")
+        layers = float_model.model.layers
+        expected = layers[1].input_layernorm(layers[0](chunk.hidden, chunk.rope, chunk.meta))
+    torch.testing.assert_close(fp_inp, expected)
+    assert (inp - expected).norm() > 0.01 * expected.norm()  # 3-bit layer 0 moved the quantized stream

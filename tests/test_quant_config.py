@@ -21,6 +21,8 @@ def test_defaults_are_4bit_g128_symmetric_rtn():
         ({"damp_percent": 0.0}, "damp_percent must be in"),
         ({"block_size": 0}, "block_size must be at least 1, got 0"),
         ({"sink_weight": 0.0}, "sink_weight must be positive, got 0.0"),
+        ({"fp_target": -0.5}, r"fp_target must be in \[0, 1\], got -0.5"),
+        ({"fp_target": 1.5}, r"fp_target must be in \[0, 1\], got 1.5"),
         ({"num_calib_samples": 0}, "num_calib_samples must be at least 1"),
         ({"act_bits": 4}, "act_bits must be None or 8, got 4"),
         ({"act_bits": 8, "bits": 3}, "act_bits=8 .* bits=3"),

@@ -110,6 +110,9 @@ def quantize(
     sink_weight: Annotated[float, typer.Option(help="GPTQ: how many times each calibration sequence's first token "
                                                     "(its attention sink) counts in the Hessians.")]
     = _QUANT.sink_weight,
+    fp_target: Annotated[float, typer.Option(help="GPTQ: how far (0 to 1) each layer's target moves from its own "
+                                                  "output on quantized inputs toward the float model's output.")]
+    = _QUANT.fp_target,
     format: Annotated[str, typer.Option(help="slimserve, gptq or awq.")] = "slimserve",
     out: Annotated[Path, typer.Option(help="Folder to write.")] = Path("quantized"),
 ):
@@ -121,7 +124,8 @@ def quantize(
     try:
         config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                              awq_clip=awq_clip, mse=mse, act_bits=act_bits, num_calib_samples=num_calib_samples,
-                             calib_seq_len=calib_seq_len, sink_weight=sink_weight)
+                             calib_seq_len=calib_seq_len, sink_weight=sink_weight,
+                             fp_target=fp_target)
         result = run_quantize(model, config, out, calib_dataset=calib, format=format)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))

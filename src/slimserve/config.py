@@ -33,6 +33,7 @@ class QuantConfig:
     mse: bool = False  # RTN, GPTQ, SmoothQuant: search each scale's range (rtn.py), not min-max
     block_size: int = 128  # GPTQ lazy-update block width (columns)
     sink_weight: float = 16.0  # GPTQ: each calibration sequence's first token counts this often (quant/gptq.py)
+    fp_target: float = 0.5  # GPTQ: how far each linear's target moves toward the float model's output (quant/gptq.py)
     num_calib_samples: int = 128
     calib_seq_len: int = 2048
     modules: dict[str, dict] = field(default_factory=dict)
@@ -54,6 +55,8 @@ class QuantConfig:
             raise ValueError(f"damp_percent must be in (0, 1], got {self.damp_percent}")
         if not self.sink_weight > 0:
             raise ValueError(f"sink_weight must be positive, got {self.sink_weight}")
+        if not 0 <= self.fp_target <= 1:
+            raise ValueError(f"fp_target must be in [0, 1], got {self.fp_target}")
         for name in ("block_size", "num_calib_samples", "calib_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
