@@ -182,6 +182,8 @@ def test_target_weight_is_the_weight_without_drift():
     gptq.add_batch(x, fp_inp=x)
     assert torch.equal(gptq.target_weight(layer.weight, 0.01), layer.weight.float())
     assert GPTQ(layer).target_weight(layer.weight, 0.01) is layer.weight  # fp_target 0: no float model
+    with pytest.raises(ValueError, match="GPTQ with fp_target needs fp_inp"):
+        GPTQ(layer, fp_target=0.5).add_batch(x)
 
 
 def test_dead_inputs_get_zero_weight():
