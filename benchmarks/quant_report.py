@@ -235,7 +235,7 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
                  "+7.02 -> +4.89 % at 128 x 2048, W3 +57.44 -> +32.11 %, W3 mse +34.28 -> +26.51 %; Qwen2.5-0.5B "
                  "W4 g128 +3.26 -> +2.46 % at 64 x 512 and +3.71 -> +1.69 % at 128 x 2048, W3 +17.65 -> +11.44 %, "
                  "W3 mse +16.64 -> +11.44 %. β 0.5 beats 0.25 and 1 on SmolLM2 in every sweep; on Qwen's W4 at "
-                 "64 x 512, 1 reads +2.24 %. W8 per channel on SmolLM2 (one-off on this CPU): +0.05 % with 0.5.")
+                 "64 x 512, 1 reads +2.24 %.")
     w3_gptq = min(w3_min_max, w3_mse)
     missed = [name for name, miss in ((f"W4 GPTQ ({w4_gptq:+.2f} %)", w4_gptq >= 4),
                                       (f"3-bit GPTQ ({w3_gptq:+.2f} % at best)", w3_gptq >= 15)) if miss]
