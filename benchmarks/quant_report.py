@@ -225,7 +225,8 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
                  "+4.83 % at 128 x 2048 with weight 1, +3.26 % and +3.71 % with 16. Every weight from 4 to 256 beats "
                  "1; 16 is the best or within 0.3 points of it in 6 of the 8 sweeps that tried 64 too (4 windows "
                  "and all 114-115, per calibration); both others favour 64 (SmolLM2 32 x 2048, 4 windows: +8.85 "
-                 "against +7.77 %; Qwen 128 x 2048, all windows: +3.37 against +3.06 %). Those sweeps ran with fp target 0.")
+                 "against +7.77 %; Qwen 128 x 2048, all windows: +3.37 against +3.06 %). Those sweeps ran with "
+                 "fp target 0.")
     found.append(f"GPTQ's fp target: GPTQ fits each linear to its own output on inputs that already carry the "
                  "error of the layers quantized before it, so it never corrects that error; with fp target β each "
                  "linear's target moves β of the way to the least-squares fit of the float model's output from "
