@@ -108,9 +108,8 @@ class GPTQ:
         the float model's outputs."""
         if self._drift is None:
             return weight
-        H = self.hessian
-        H.diagonal().add_(damp_percent * torch.mean(torch.diag(H)))
-        correction = torch.cholesky_solve(self._drift.t() @ weight.float().t(), torch.linalg.cholesky(H)).t()
+        factor = torch.linalg.cholesky(_damped(self.hessian, damp_percent))
+        correction = torch.cholesky_solve(self._drift.t() @ weight.float().t(), factor).t()
         return weight.float() + self.fp_target * correction
 
     def quantize(
@@ -218,11 +217,15 @@ def gptq_quantize_weight(
     return QT.t()[:, inverse].to(torch.uint8), scales, zeros.to(torch.uint8), g_idx.to(torch.int32)
 
 
+def _damped(H: Tensor, damp_percent: float) -> Tensor:
+    """H + λI, λ = damp_percent of H's mean diagonal: GPTQ's dampening."""
+    damp = damp_percent * torch.mean(torch.diag(H))
+    return H + damp * torch.eye(H.shape[0], device=H.device)
+
+
 def _inverse_hessian_factor(H: Tensor, damp_percent: float) -> Tensor:
     """Upper Cholesky factor of (H + damp I)⁻¹, as Algorithm 1 uses it."""
-    damp = damp_percent * torch.mean(torch.diag(H))
-    H = H + damp * torch.eye(H.shape[0], device=H.device)
-    L, info = torch.linalg.cholesky_ex(H)
+    L, info = torch.linalg.cholesky_ex(_damped(H, damp_percent))
     if int(info) == 0:
         L, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
     if int(info) != 0:
@@ -369,8 +372,9 @@ def gptq_quantize(
             model.lm_head = QuantLinear.from_linear(model.lm_head, head_config)
         elif head_config is not None:
             collector = GPTQ(model.lm_head, config.fp_target)
-            for chunk, fp_chunk in zip(chunks, fp_chunks or chunks):
-                collector.add_batch(inner.norm(chunk.hidden), fp_inp=inner.norm(fp_chunk.hidden))
+            for chunk, fp_chunk in zip(chunks, fp_chunks or [None] * len(chunks)):
+                fp_inp = None if fp_chunk is None else inner.norm(fp_chunk.hidden)
+                collector.add_batch(inner.norm(chunk.hidden), fp_inp=fp_inp)
             model.lm_head = _quantize_stacked([model.lm_head], collector, head_config)[0]
     return model
 
