@@ -162,7 +162,7 @@ def test_target_weight_fits_float_outputs_from_quantized_inputs(fp_target):
     x = x_fp + 0.1 * torch.randn_like(x_fp)  # the inputs quantized layers before it produce
     weights = torch.ones(200)
     weights[[0, 50]] = 16.0
-    gptq = GPTQ(layer, fp_target)
+    gptq = GPTQ(layer, drift=True)
     gptq.add_batch(x[:120], weights[:120], x_fp[:120])
     gptq.add_batch(x[120:], weights[120:], x_fp[120:])
     W = layer.weight.detach()
@@ -171,19 +171,21 @@ def test_target_weight_fits_float_outputs_from_quantized_inputs(fp_target):
     A = torch.cat([rows * x, damp.sqrt() * torch.eye(37)]).double()
     B = torch.cat([rows * (x_fp @ W.t()), damp.sqrt() * W.t()]).double()
     fit = torch.linalg.lstsq(A, B).solution.t().float()
-    torch.testing.assert_close(gptq.target_weight(W, 0.01), W + fp_target * (fit - W), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gptq.target_weight(W, fp_target, 0.01), W + fp_target * (fit - W), rtol=1e-4, atol=1e-5)
     assert (fit - W).norm() > 0.05 * W.norm()  # the drift moves the target
 
 
 def test_target_weight_is_the_weight_without_drift():
     layer = nn.Linear(37, 8)
     x = correlated_inputs(50, 37, seed=10)
-    gptq = GPTQ(layer, fp_target=1.0)
+    gptq = GPTQ(layer, drift=True)
     gptq.add_batch(x, fp_inp=x)
-    assert torch.equal(gptq.target_weight(layer.weight, 0.01), layer.weight.float())
-    assert GPTQ(layer).target_weight(layer.weight, 0.01) is layer.weight  # fp_target 0: no float model
-    with pytest.raises(ValueError, match="GPTQ with fp_target needs fp_inp"):
-        GPTQ(layer, fp_target=0.5).add_batch(x)
+    assert torch.equal(gptq.target_weight(layer.weight, 1.0, 0.01), layer.weight.float())
+    assert gptq.target_weight(layer.weight, 0.0, 0.01) is layer.weight
+    with pytest.raises(ValueError, match="GPTQ with drift needs fp_inp"):
+        GPTQ(layer, drift=True).add_batch(x)
+    with pytest.raises(ValueError, match="fp_target 0.5 needs the inputs' drift"):
+        GPTQ(layer).target_weight(layer.weight, 0.5, 0.01)
 
 
 def test_dead_inputs_get_zero_weight():
@@ -363,3 +365,18 @@ def test_fp_target_gives_each_linear_the_float_models_inputs(monkeypatch):
         expected = layers[1].input_layernorm(layers[0](chunk.hidden, chunk.rope, chunk.meta))
     torch.testing.assert_close(fp_inp, expected)
     assert (inp - expected).norm() > 0.01 * expected.norm()  # 3-bit layer 0 moved the quantized stream
+
+
+def test_fp_target_override_moves_only_its_module():
+    """A module's own fp_target applies to it alone, and turns the float model on when the model's is 0."""
+    calib = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (20, 7)]
+    base = QuantConfig(method="gptq", bits=3, group_size=32, sym=False, fp_target=0.0)
+    override = QuantConfig(method="gptq", bits=3, group_size=32, sym=False, fp_target=0.0,
+                           modules={"model.layers.1.mlp.down_proj": {"fp_target": 1.0}})
+    plain, moved = (gptq_quantize(tiny_llama(), calib, config) for config in (base, override))
+    changed = []
+    for name, module in plain.named_modules():
+        if isinstance(module, QuantLinear):
+            if not torch.equal(module.quantized()[0], moved.get_submodule(name).quantized()[0]):
+                changed.append(name)
+    assert changed == ["model.layers.1.mlp.down_proj"]

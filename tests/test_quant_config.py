@@ -29,6 +29,9 @@ def test_defaults_are_4bit_g128_symmetric_rtn():
         ({"act_bits": 8, "bits": 8, "group_size": 64}, "act_bits=8 .* group_size=64"),
         ({"modules": {"lm_head": {"bitz": 8}}}, r"modules\['lm_head'\] has unknown fields \['bitz'\]"),
         ({"modules": {"lm_head": {"bits": 12}}}, "bits must be between 2 and 8, got 12"),
+        ({"modules": {"q_proj": {"sink_weight": 4.0, "bits": 8}}},
+         r"modules\['q_proj'\] overrides \['sink_weight'\], which apply to the whole model"),
+        ({"modules": {"lm_head": {"method": "rtn"}}}, r"overrides \['method'\], which apply to the whole model"),
         ({"method": "awq", "mse": True}, "mse searches RTN's and GPTQ's ranges; awq has its own"),
     ],
 )

@@ -4,6 +4,9 @@ import fnmatch
 from dataclasses import dataclass, field, fields, replace
 
 QUANT_METHODS = ("rtn", "gptq", "awq", "smoothquant", "qat")
+# One value for the whole model: the method, its calibration set and GPTQ's token weights (one
+# Hessian is shared by the linears that read one input), so `modules` may not override them.
+MODEL_WIDE = ("method", "num_calib_samples", "calib_seq_len", "sink_weight")
 
 
 @dataclass
@@ -18,7 +21,7 @@ class QuantConfig:
     {"mlp.down_proj": {"skip": True}}; `skip` lists names or patterns left in full precision.
     A key matches a module name exactly, as its last dotted components ("q_proj" matches
     "layers.0.self_attn.q_proj"), or as an fnmatch glob ("layers.1?.*"). Overrides apply in
-    dict order, so later keys win.
+    dict order, so later keys win. The MODEL_WIDE fields cannot be overridden.
     """
 
     method: str = "rtn"
@@ -60,8 +63,11 @@ class QuantConfig:
         for name in ("block_size", "num_calib_samples", "calib_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        overridable = {f.name for f in fields(self)} - {"modules", "skip"}
+        overridable = {f.name for f in fields(self)} - {"modules", "skip"} - set(MODEL_WIDE)
         for key, override in self.modules.items():
+            wide = set(override) & set(MODEL_WIDE)
+            if wide:
+                raise ValueError(f"modules[{key!r}] overrides {sorted(wide)}, which apply to the whole model")
             bad = set(override) - overridable - {"skip"}
             if bad:
                 raise ValueError(f"modules[{key!r}] has unknown fields {sorted(bad)}")

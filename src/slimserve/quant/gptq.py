@@ -24,14 +24,14 @@ benchmarks/results/gptq_sink_weight_*.md sweeps the weight: SmolLM2-135M at W4 g
 calibration tokens, +18.1 % perplexity with weight 1 and +7.0 % with 16.
 
 GPTQ fits each linear to its own output on inputs that already carry the error of the layers
-quantized before it, so that error is never corrected, only kept from growing. With
-config.fp_target β > 0, the float model runs beside the quantized one and each linear's target
-moves β of the way to the least-squares fit of the float model's output from the quantized
-inputs, as GPTQv2's asymmetric calibration does (Li et al., "GPTQv2: Efficient Finetuning-Free
-Quantization with Asymmetric Calibration", ICML 2025, whose reference code scales that term by
-0.25); see GPTQ.target_weight. It costs a second forward pass and one more (in x in) product per
-token. benchmarks/results/gptq_fp_target_*.md sweeps β: 0.5 takes SmolLM2-135M's W4 g64 from
-+7.0 % to +4.9 % perplexity at 128 x 2048 calibration tokens, Qwen2.5-Coder-0.5B's from +3.7 %
+quantized before it, so that error is never corrected, only kept from growing. With fp_target β > 0
+(QuantConfig's, or a module's own override), the float model runs beside the quantized one and each
+linear's target moves β of the way to the least-squares fit of the float model's output from the
+quantized inputs, as GPTQv2's asymmetric calibration does (Li et al., "GPTQv2: Efficient
+Finetuning-Free Quantization with Asymmetric Calibration", ICML 2025, whose reference code scales
+that term by 0.25); see GPTQ.target_weight. It costs a second forward pass and one more (in x in)
+product per token. benchmarks/results/gptq_fp_target_*.md sweeps β: 0.5 takes SmolLM2-135M's W4 g64
+from +7.0 % to +4.9 % perplexity at 128 x 2048 calibration tokens, Qwen2.5-Coder-0.5B's from +3.7 %
 to +1.7 %.
 """
 
@@ -60,18 +60,18 @@ HESSIAN_BLOCKS = 8
 class GPTQ:
     """Accumulates the Hessian of one nn.Linear from its inputs, then quantizes its weight."""
 
-    def __init__(self, layer: nn.Linear, fp_target: float = 0.0) -> None:
+    def __init__(self, layer: nn.Linear, drift: bool = False) -> None:
+        """drift: also sum how far the inputs drifted from the float model's (for an fp target)."""
         self.layer = layer
         self.num_samples = 0.0  # the samples' summed weight
-        self.fp_target = fp_target
         in_features = layer.in_features
         self._upper = torch.zeros(in_features, in_features, device=layer.weight.device)  # blocks below stay 0
-        # With fp_target: the running mean of 2 (x_fp - x) xᵀ, x_fp the float model's input for x's token.
-        self._drift = torch.zeros_like(self._upper) if fp_target else None
+        # With drift: the running mean of 2 (x_fp - x) xᵀ, x_fp the float model's input for x's token.
+        self._drift = torch.zeros_like(self._upper) if drift else None
 
     def add_batch(self, inp: Tensor, weights: Tensor | None = None, fp_inp: Tensor | None = None) -> None:
         """inp (..., in_features): every row is one sample (token), counted weights[row] times (default once).
-        fp_inp (inp's shape, needed with fp_target): the float model's inputs for the same tokens."""
+        fp_inp (inp's shape, needed with drift): the float model's inputs for the same tokens."""
         in_features = self.layer.in_features
         x = inp.reshape(-1, in_features).float()
         count = x.shape[0]
@@ -84,7 +84,7 @@ class GPTQ:
             return
         if self._drift is not None:
             if fp_inp is None:
-                raise ValueError("GPTQ with fp_target needs fp_inp, the float model's inputs for the same tokens")
+                raise ValueError("GPTQ with drift needs fp_inp, the float model's inputs for the same tokens")
             drift = fp_inp.reshape(-1, in_features).float() * (1 if scale is None else scale) - x
             self._drift.addmm_(drift.t(), x, beta=self.num_samples / total, alpha=2 / total)
         # H stays the weighted running mean of 2 x xᵀ (its scale does not grow with n).
@@ -100,17 +100,19 @@ class GPTQ:
         """H (in_features, in_features), the running mean of 2 x xᵀ."""
         return self._upper.triu() + self._upper.triu(1).t()
 
-    def target_weight(self, weight: Tensor, damp_percent: float) -> Tensor:
-        """The weight (out, in) for GPTQ to quantize: weight itself, or with fp_target β,
+    def target_weight(self, weight: Tensor, fp_target: float, damp_percent: float) -> Tensor:
+        """The weight (out, in) for GPTQ to quantize: weight itself, or with fp_target β > 0,
         weight + β (W* - weight), W* = weight + weight D (H + λI)⁻¹ (D: the drift sums, λ: GPTQ's
         damping). W* minimizes Σ |weight x_fp - W* x|² + λ|W* - weight|², and since
         Σ |weight x_fp - Q x|² = Σ |(W* - Q) x|² + const (λ aside), GPTQ toward W* with H matches
         the float model's outputs."""
-        if self._drift is None:
+        if fp_target == 0:
             return weight
+        if self._drift is None:
+            raise ValueError(f"fp_target {fp_target} needs the inputs' drift: build GPTQ with drift=True")
         factor = torch.linalg.cholesky(_damped(self.hessian, damp_percent))
         correction = torch.cholesky_solve(self._drift.t() @ weight.float().t(), factor).t()
-        return weight.float() + self.fp_target * correction
+        return weight.float() + fp_target * correction
 
     def quantize(
         self,
@@ -349,13 +351,16 @@ def gptq_quantize(
         chunks = embed_calibration(model, calib_batches, "GPTQ")
         weights = [chunk.token_weights(config.sink_weight) for chunk in chunks]
         # With fp_target, the float model runs beside the quantized one, giving each linear its float inputs.
-        fp_chunks = [CalibrationChunk(c.hidden.clone(), c.rope, c.meta) for c in chunks] if config.fp_target else []
+        # Any module's fp_target (an override included) needs it.
+        fp_targets = [config.fp_target] + [o.get("fp_target", 0.0) for o in config.modules.values()]
+        fp_chunks = [CalibrationChunk(c.hidden.clone(), c.rope, c.meta) for c in chunks] if any(fp_targets) else []
         for index, layer in enumerate(tqdm(inner.layers, desc="GPTQ", unit="layer", disable=not progress)):
             quantized: dict[str, QuantLinear] = {}
             fp_stages = layer_stages(copy.deepcopy(layer), fp_chunks) if fp_chunks else iter(())
             for names, inputs in layer_stages(layer, chunks):
                 fp_inputs = next(fp_stages)[1] if fp_chunks else inputs
-                group = _quantize_group(layer, f"model.layers.{index}.", names, inputs, fp_inputs, weights, config)
+                group = _quantize_group(layer, f"model.layers.{index}.", names, inputs, fp_inputs, weights, config,
+                                        drift=bool(fp_chunks))
                 for name, module in group.items():
                     # The stages after this one see the quantized weights; a plain Linear holding the
                     # dequantized weight runs them faster than the packed kernels at prefill sizes.
@@ -371,7 +376,7 @@ def gptq_quantize(
             # W8 per channel: +0.42 % perplexity; +0.16 % with the embedding left exact).
             model.lm_head = QuantLinear.from_linear(model.lm_head, head_config)
         elif head_config is not None:
-            collector = GPTQ(model.lm_head, config.fp_target)
+            collector = GPTQ(model.lm_head, drift=bool(fp_chunks))
             for chunk, fp_chunk in zip(chunks, fp_chunks or [None] * len(chunks)):
                 fp_inp = None if fp_chunk is None else inner.norm(fp_chunk.hidden)
                 collector.add_batch(inner.norm(chunk.hidden), fp_inp=fp_inp)
@@ -387,14 +392,16 @@ def _quantize_group(
     fp_inputs: list[Tensor],
     weights: list[Tensor],
     config: QuantConfig,
+    drift: bool,
 ) -> dict[str, QuantLinear]:
     """GPTQ the linears `names` of `layer`, which all read `inputs` (one tensor per chunk, its tokens
-    counted `weights` times in the Hessian; the float model's are `fp_inputs`)."""
+    counted `weights` times in the Hessian; the float model's are `fp_inputs`, their drift summed
+    when `drift`, for each module's own fp_target)."""
     kept = [(name, config.for_module(prefix + name)) for name in names]
     kept = [(name, c) for name, c in kept if c is not None]
     if not kept:
         return {}
-    collector = GPTQ(layer.get_submodule(kept[0][0]), config.fp_target)
+    collector = GPTQ(layer.get_submodule(kept[0][0]), drift)
     for inp, fp_inp, inp_weights in zip(inputs, fp_inputs, weights):
         collector.add_batch(inp, inp_weights, fp_inp)
     # Stack linears with equal configs; a per-tensor scale must stay per linear.
@@ -416,7 +423,8 @@ def _quantize_stacked(linears: list[nn.Linear], collector: GPTQ, config: QuantCo
     """GPTQ linears sharing one input (and the Hessian in `collector`) as one stacked weight."""
     if collector.num_samples == 0:
         raise ValueError("GPTQ has no calibration samples: the calibration set has no tokens")
-    weight = collector.target_weight(torch.cat([linear.weight.detach() for linear in linears]), config.damp_percent)
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    weight = collector.target_weight(weight, config.fp_target, config.damp_percent)
     q, scales, zeros, g_idx = gptq_quantize_weight(
         weight,
         collector.hessian,
