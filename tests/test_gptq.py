@@ -8,6 +8,7 @@ from torch import nn
 from slimserve.config import QuantConfig
 from slimserve.models.attention import AttentionMetadata
 from slimserve.models.llama import LlamaArgs, LlamaForCausalLM
+from slimserve.models.loader import torch_dtype
 from slimserve.quant.gptq import (
     GATE_UP,
     GPTQ,
@@ -152,26 +153,30 @@ def test_weighted_rows_count_as_repeated_rows():
     assert weighted.num_samples == repeated.num_samples == 18 + 3 + 16
 
 
-@pytest.mark.parametrize("fp_target", [1.0, 0.25])
-def test_target_weight_fits_float_outputs_from_quantized_inputs(fp_target):
+@pytest.mark.parametrize("fp_target, dtype", [(1.0, torch.float32), (0.25, torch.float32), (0.5, torch.bfloat16)])
+def test_target_weight_fits_float_outputs_from_quantized_inputs(fp_target, dtype):
     """The least-squares fit of the float outputs W x_fp from the drifted inputs x, solved here by
-    lstsq on the weighted, damped system, taken fp_target of the way from W."""
+    lstsq on the weighted, damped system, taken fp_target of the way from W; bf16 inputs (their
+    drift summed in bf16 products) to bf16's precision."""
     torch.manual_seed(0)
     layer = nn.Linear(37, 8, bias=False)
     x_fp = correlated_inputs(200, 37, seed=9)
     x = x_fp + 0.1 * torch.randn_like(x_fp)  # the inputs quantized layers before it produce
+    x_fp, x = x_fp.to(dtype), x.to(dtype)
     weights = torch.ones(200)
     weights[[0, 50]] = 16.0
     gptq = GPTQ(layer, drift=True)
     gptq.add_batch(x[:120], weights[:120], x_fp[:120])
     gptq.add_batch(x[120:], weights[120:], x_fp[120:])
+    x_fp, x = x_fp.float(), x.float()
     W = layer.weight.detach()
     rows = (2 * weights / weights.sum()).sqrt()[:, None]
     damp = 0.01 * torch.mean(torch.diag(gptq.hessian))
     A = torch.cat([rows * x, damp.sqrt() * torch.eye(37)]).double()
     B = torch.cat([rows * (x_fp @ W.t()), damp.sqrt() * W.t()]).double()
     fit = torch.linalg.lstsq(A, B).solution.t().float()
-    torch.testing.assert_close(gptq.target_weight(W, fp_target, 0.01), W + fp_target * (fit - W), rtol=1e-4, atol=1e-5)
+    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=2e-3 * W.abs().max())
+    torch.testing.assert_close(gptq.target_weight(W, fp_target, 0.01), W + fp_target * (fit - W), **tolerance)
     assert (fit - W).norm() > 0.05 * W.norm()  # the drift moves the target
 
 
@@ -321,12 +326,16 @@ def test_token_weights_mark_each_sequences_first_token():
     assert sum(int((w == 1).sum()) for w in weights) == 62 - 4
 
 
-def test_first_layer_hessian_counts_each_sequence_start_sink_weight_times():
+@pytest.mark.parametrize("calib_dtype", ["fp32", "bf16"])
+def test_first_layer_hessian_counts_each_sequence_start_sink_weight_times(calib_dtype):
+    """The Hessian sums the inputs as the calibration dtype computes them; GPTQ quantizes the fp32 weights."""
     model = tiny_llama()
     calib = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (20, 7, 30)]
     layer = model.model.layers[0]
+    dtype = torch_dtype(calib_dtype)
     with torch.no_grad():
-        x = torch.cat([layer.input_layernorm(model.model.embed_tokens(ids)) for ids in calib])
+        norm = copy.deepcopy(layer.input_layernorm).to(dtype)
+        x = torch.cat([norm(model.model.embed_tokens(ids).to(dtype)).float() for ids in calib])
         qkv = torch.cat([layer.get_submodule(name).weight for name in QKV])
 
         def expected(sink_weight: float) -> torch.Tensor:
@@ -337,14 +346,18 @@ def test_first_layer_hessian_counts_each_sequence_start_sink_weight_times():
 
         weighted, unweighted = expected(16.0), expected(1.0)
     assert (weighted != unweighted).float().mean() > 0.01  # the weight matters at this size
-    gptq_quantize(model, calib, QuantConfig(method="gptq", bits=4, group_size=32, sym=False, sink_weight=16.0))
+    config = QuantConfig(method="gptq", bits=4, group_size=32, sym=False, sink_weight=16.0, calib_dtype=calib_dtype)
+    gptq_quantize(model, calib, config)
     q = torch.cat([layer.get_submodule(name).quantized()[0] for name in QKV])
     assert (q != weighted).float().mean() < 1e-3  # only float summation order may differ
 
 
-def test_fp_target_gives_each_linear_the_float_models_inputs(monkeypatch):
-    """Layer 1's q/k/v read the quantized layer 0's output, and their float inputs are the float model's."""
+@pytest.mark.parametrize("calib_dtype", ["fp32", "bf16"])
+def test_fp_target_gives_each_linear_the_float_models_inputs(monkeypatch, calib_dtype):
+    """Layer 1's q/k/v read the quantized layer 0's output, and their float inputs are the float
+    model's, run in the calibration dtype."""
     model = tiny_llama()
+    dtype = torch_dtype(calib_dtype)
     float_model = copy.deepcopy(model)
     calib = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (20, 7)]
     q_proj = model.model.layers[1].self_attn.q_proj
@@ -357,12 +370,14 @@ def test_fp_target_gives_each_linear_the_float_models_inputs(monkeypatch):
         add_batch(self, inp, weights, fp_inp)
 
     monkeypatch.setattr(GPTQ, "add_batch", spy)
-    gptq_quantize(model, calib, QuantConfig(method="gptq", bits=3, group_size=32, sym=False, fp_target=0.5))
+    config = QuantConfig(method="gptq", bits=3, group_size=32, sym=False, fp_target=0.5, calib_dtype=calib_dtype)
+    gptq_quantize(model, calib, config)
     (inp, fp_inp), = seen  # both sequences fit one chunk
+    assert inp.dtype == fp_inp.dtype == dtype
     with torch.no_grad():
-        (chunk,) = embed_calibration(float_model, calib, "GPTQ")
-        layers = float_model.model.layers
-        expected = layers[1].input_layernorm(layers[0](chunk.hidden, chunk.rope, chunk.meta))
+        (chunk,) = embed_calibration(float_model, calib, "GPTQ", dtype=dtype)
+        layer0, layer1 = (copy.deepcopy(layer).to(dtype) for layer in float_model.model.layers)
+        expected = layer1.input_layernorm(layer0(chunk.hidden, chunk.rope, chunk.meta))
     torch.testing.assert_close(fp_inp, expected)
     assert (inp - expected).norm() > 0.01 * expected.norm()  # 3-bit layer 0 moved the quantized stream
 

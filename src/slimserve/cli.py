@@ -113,6 +113,9 @@ def quantize(
     fp_target: Annotated[float, typer.Option(help="GPTQ: how far (0 to 1) each layer's target moves from its own "
                                                   "output on quantized inputs toward the float model's output.")]
     = _QUANT.fp_target,
+    calib_dtype: Annotated[str, typer.Option(help="GPTQ: dtype of the calibration forward passes (fp32, bf16, "
+                                                  "fp16); Hessians and the quantization stay in fp32.")]
+    = _QUANT.calib_dtype,
     format: Annotated[str, typer.Option(help="slimserve, gptq or awq.")] = "slimserve",
     out: Annotated[Path, typer.Option(help="Folder to write.")] = Path("quantized"),
 ):
@@ -125,7 +128,7 @@ def quantize(
         config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                              awq_clip=awq_clip, mse=mse, act_bits=act_bits, num_calib_samples=num_calib_samples,
                              calib_seq_len=calib_seq_len, sink_weight=sink_weight,
-                             fp_target=fp_target)
+                             fp_target=fp_target, calib_dtype=calib_dtype)
         result = run_quantize(model, config, out, calib_dataset=calib, format=format)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))

@@ -4,9 +4,11 @@ import fnmatch
 from dataclasses import dataclass, field, fields, replace
 
 QUANT_METHODS = ("rtn", "gptq", "awq", "smoothquant", "qat")
-# One value for the whole model: the method, its calibration set and GPTQ's token weights (one
-# Hessian is shared by the linears that read one input), so `modules` may not override them.
-MODEL_WIDE = ("method", "num_calib_samples", "calib_seq_len", "sink_weight")
+ENGINE_DTYPES = ("fp32", "bf16", "fp16")
+# One value for the whole model: the method, its calibration set, GPTQ's token weights (one
+# Hessian is shared by the linears that read one input) and calibration dtype, so `modules` may
+# not override them.
+MODEL_WIDE = ("method", "num_calib_samples", "calib_seq_len", "sink_weight", "calib_dtype")
 
 
 @dataclass
@@ -37,6 +39,7 @@ class QuantConfig:
     block_size: int = 128  # GPTQ lazy-update block width (columns)
     sink_weight: float = 16.0  # GPTQ: each calibration sequence's first token counts this often (quant/gptq.py)
     fp_target: float = 0.5  # GPTQ: how far each linear's target moves toward the float model's output (quant/gptq.py)
+    calib_dtype: str = "bf16"  # GPTQ: dtype of the calibration forward passes (Hessians and targets stay fp32)
     num_calib_samples: int = 128
     calib_seq_len: int = 2048
     modules: dict[str, dict] = field(default_factory=dict)
@@ -60,6 +63,8 @@ class QuantConfig:
             raise ValueError(f"sink_weight must be positive, got {self.sink_weight}")
         if not 0 <= self.fp_target <= 1:
             raise ValueError(f"fp_target must be in [0, 1], got {self.fp_target}")
+        if self.calib_dtype not in ENGINE_DTYPES:
+            raise ValueError(f"calib_dtype must be one of {ENGINE_DTYPES}, got {self.calib_dtype!r}")
         for name in ("block_size", "num_calib_samples", "calib_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -109,7 +114,6 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
 
 
-ENGINE_DTYPES = ("fp32", "bf16", "fp16")
 CPU_KV_CACHE_MEMORY = 2 * 2**30  # bytes, when kv_cache_memory is not set on the CPU
 
 

@@ -33,6 +33,12 @@ that term by 0.25); see GPTQ.target_weight. It costs a second forward pass and o
 product per token. benchmarks/results/gptq_fp_target_*.md sweeps β: 0.5 takes SmolLM2-135M's W4 g64
 from +7.0 % to +4.9 % perplexity at 128 x 2048 calibration tokens, Qwen2.5-Coder-0.5B's from +3.7 %
 to +1.7 %.
+
+The calibration forward passes run in config.calib_dtype, on a copy of each layer in that dtype:
+bf16 by default, the dtype the quantized model computes in (GPTQModel calibrates in the model's
+half precision). The drift's product runs in it too; the Hessians, the targets and the
+quantization stay in fp32, from the fp32 weights. benchmarks/results/gptq_calib_dtype_*.md compares
+bf16 with fp32 calibration.
 """
 
 import copy
@@ -47,6 +53,7 @@ from tqdm import tqdm
 from slimserve.config import QuantConfig
 from slimserve.models.attention import AttentionMetadata
 from slimserve.models.llama import LlamaForCausalLM
+from slimserve.models.loader import torch_dtype
 from slimserve.quant.qlinear import QuantLinear
 from slimserve.quant.rtn import check_bits, check_finite, check_group_size, compute_scales, quantize_to_grid
 
@@ -86,7 +93,10 @@ class GPTQ:
             if fp_inp is None:
                 raise ValueError("GPTQ with drift needs fp_inp, the float model's inputs for the same tokens")
             drift = fp_inp.reshape(-1, in_features).float() * (1 if scale is None else scale) - x
-            self._drift.addmm_(drift.t(), x, beta=self.num_samples / total, alpha=2 / total)
+            # The drift only nudges the target (target_weight), so its product may run in the inputs'
+            # own dtype (bf16 at 4x fp32's speed on CPUs with bf16 units); H, which GPTQ inverts, stays fp32.
+            product = drift.t().to(inp.dtype) @ x.to(inp.dtype)
+            self._drift.mul_(self.num_samples / total).add_(product, alpha=2 / total)
         # H stays the weighted running mean of 2 x xᵀ (its scale does not grow with n).
         width = -(-in_features // HESSIAN_BLOCKS)
         for start in range(0, in_features, width):
@@ -265,9 +275,13 @@ def check_llama(model: nn.Module, method: str) -> None:
 
 
 def embed_calibration(
-    model: LlamaForCausalLM, calib_batches: list[Tensor], method: str, chunk_tokens: int = CHUNK_TOKENS
+    model: LlamaForCausalLM,
+    calib_batches: list[Tensor],
+    method: str,
+    chunk_tokens: int = CHUNK_TOKENS,
+    dtype: torch.dtype = torch.float32,
 ) -> list[CalibrationChunk]:
-    """The calibration sequences (1-D token ids each) embedded, packed into chunks of <= chunk_tokens."""
+    """The calibration sequences (1-D token ids each) embedded in dtype, packed into chunks of <= chunk_tokens."""
     if not calib_batches or any(ids.dim() != 1 or ids.numel() == 0 for ids in calib_batches):
         shapes = [tuple(ids.shape) for ids in calib_batches[:4]]
         raise ValueError(
@@ -282,9 +296,9 @@ def embed_calibration(
     chunks = []
     for pack in packs:
         positions = torch.cat([torch.arange(len(ids), device=ids.device) for ids in pack])
-        hidden = inner.embed_tokens(torch.cat(pack))
+        hidden = inner.embed_tokens(torch.cat(pack)).to(dtype)
         meta = AttentionMetadata.without_cache([len(ids) for ids in pack])
-        chunks.append(CalibrationChunk(hidden, inner.rotary_emb(positions), meta))
+        chunks.append(CalibrationChunk(hidden, inner.rotary_emb(positions, dtype), meta))
     return chunks
 
 
@@ -348,7 +362,8 @@ def gptq_quantize(
     check_llama(model, "GPTQ")
     inner = model.model
     with torch.no_grad():
-        chunks = embed_calibration(model, calib_batches, "GPTQ")
+        dtype = torch_dtype(config.calib_dtype)
+        chunks = embed_calibration(model, calib_batches, "GPTQ", dtype=dtype)
         weights = [chunk.token_weights(config.sink_weight) for chunk in chunks]
         # With fp_target, the float model runs beside the quantized one, giving each linear its float inputs.
         # Any module's fp_target (an override included) needs it.
@@ -356,15 +371,16 @@ def gptq_quantize(
         fp_chunks = [CalibrationChunk(c.hidden.clone(), c.rope, c.meta) for c in chunks] if any(fp_targets) else []
         for index, layer in enumerate(tqdm(inner.layers, desc="GPTQ", unit="layer", disable=not progress)):
             quantized: dict[str, QuantLinear] = {}
-            fp_stages = layer_stages(copy.deepcopy(layer), fp_chunks) if fp_chunks else iter(())
-            for names, inputs in layer_stages(layer, chunks):
+            runner = copy.deepcopy(layer).to(dtype)  # runs the calibration; GPTQ quantizes layer's weights
+            fp_stages = layer_stages(copy.deepcopy(runner), fp_chunks) if fp_chunks else iter(())
+            for names, inputs in layer_stages(runner, chunks):
                 fp_inputs = next(fp_stages)[1] if fp_chunks else inputs
                 group = _quantize_group(layer, f"model.layers.{index}.", names, inputs, fp_inputs, weights, config,
                                         drift=bool(fp_chunks))
                 for name, module in group.items():
                     # The stages after this one see the quantized weights; a plain Linear holding the
                     # dequantized weight runs them faster than the packed kernels at prefill sizes.
-                    replace_module(layer, name, _dequantized_linear(module))
+                    replace_module(runner, name, _dequantized_linear(module, dtype))
                 quantized |= group
             for name, module in quantized.items():
                 replace_module(layer, name, module)
@@ -442,9 +458,9 @@ def _quantize_stacked(linears: list[nn.Linear], collector: GPTQ, config: QuantCo
     return [QuantLinear.from_linear(linear, config, *part, g_idx) for linear, *part in parts]
 
 
-def _dequantized_linear(module: QuantLinear) -> nn.Linear:
+def _dequantized_linear(module: QuantLinear, dtype: torch.dtype) -> nn.Linear:
     linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-    linear.weight = nn.Parameter(module.dequantize(), requires_grad=False)
+    linear.weight = nn.Parameter(module.dequantize().to(dtype), requires_grad=False)
     if module.bias is not None:
-        linear.bias = nn.Parameter(module.bias, requires_grad=False)
+        linear.bias = nn.Parameter(module.bias.to(dtype), requires_grad=False)
     return linear
