@@ -5,6 +5,7 @@ from dataclasses import dataclass, field, fields, replace
 
 QUANT_METHODS = ("rtn", "gptq", "awq", "smoothquant", "qat")
 ENGINE_DTYPES = ("fp32", "bf16", "fp16")
+CALIB_DTYPES = ("fp32", "bf16")  # fp16 would overflow on large activations and on the drift sums
 # One value for the whole model: the method, its calibration set, GPTQ's token weights (one
 # Hessian is shared by the linears that read one input) and calibration dtype, so `modules` may
 # not override them.
@@ -63,8 +64,8 @@ class QuantConfig:
             raise ValueError(f"sink_weight must be positive, got {self.sink_weight}")
         if not 0 <= self.fp_target <= 1:
             raise ValueError(f"fp_target must be in [0, 1], got {self.fp_target}")
-        if self.calib_dtype not in ENGINE_DTYPES:
-            raise ValueError(f"calib_dtype must be one of {ENGINE_DTYPES}, got {self.calib_dtype!r}")
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise ValueError(f"calib_dtype must be one of {CALIB_DTYPES}, got {self.calib_dtype!r}")
         for name in ("block_size", "num_calib_samples", "calib_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
