@@ -13,6 +13,7 @@ from slimserve.quant.gptq import (
     GATE_UP,
     GPTQ,
     QKV,
+    calibration_dtype,
     embed_calibration,
     gptq_quantize,
     gptq_quantize_weight,
@@ -395,3 +396,14 @@ def test_fp_target_override_moves_only_its_module():
             if not torch.equal(module.quantized()[0], moved.get_submodule(name).quantized()[0]):
                 changed.append(name)
     assert changed == ["model.layers.1.mlp.down_proj"]
+
+
+def test_auto_calibration_dtype_is_bf16_only_where_products_run_natively_in_it(monkeypatch):
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in [(False, False, torch.float32), (True, False, torch.bfloat16),
+                                       (False, True, torch.bfloat16)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert calibration_dtype("auto", cpu) is expected
+        assert calibration_dtype("fp32", cpu) is torch.float32 and calibration_dtype("bf16", cpu) is torch.bfloat16
+    assert calibration_dtype("auto", torch.device("cuda")) is torch.bfloat16  # a device object needs no GPU

@@ -24,7 +24,7 @@ def test_defaults_are_4bit_g128_symmetric_rtn():
         ({"fp_target": -0.5}, r"fp_target must be in \[0, 1\], got -0.5"),
         ({"fp_target": 1.5}, r"fp_target must be in \[0, 1\], got 1.5"),
         ({"num_calib_samples": 0}, "num_calib_samples must be at least 1"),
-        ({"calib_dtype": "fp16"}, r"calib_dtype must be one of \('fp32', 'bf16'\), got 'fp16'"),
+        ({"calib_dtype": "fp16"}, r"calib_dtype must be one of \('auto', 'fp32', 'bf16'\), got 'fp16'"),
         ({"act_bits": 4}, "act_bits must be None or 8, got 4"),
         ({"act_bits": 8, "bits": 3}, "act_bits=8 .* bits=3"),
         ({"act_bits": 8, "bits": 8, "group_size": 64}, "act_bits=8 .* group_size=64"),

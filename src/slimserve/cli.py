@@ -113,8 +113,9 @@ def quantize(
     fp_target: Annotated[float, typer.Option(help="GPTQ: how far (0 to 1) each layer's target moves from its own "
                                                   "output on quantized inputs toward the float model's output.")]
     = _QUANT.fp_target,
-    calib_dtype: Annotated[str, typer.Option(help="GPTQ: dtype of the calibration forward passes (fp32 or "
-                                                  "bf16); Hessians and the quantization stay in fp32.")]
+    calib_dtype: Annotated[str, typer.Option(help="GPTQ: dtype of the calibration forward passes: fp32, bf16, "
+                                                  "or auto (bf16 on CUDA and CPUs with bf16 units, else fp32); "
+                                                  "Hessians and the quantization stay in fp32.")]
     = _QUANT.calib_dtype,
     format: Annotated[str, typer.Option(help="slimserve, gptq or awq.")] = "slimserve",
     out: Annotated[Path, typer.Option(help="Folder to write.")] = Path("quantized"),

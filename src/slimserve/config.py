@@ -5,7 +5,9 @@ from dataclasses import dataclass, field, fields, replace
 
 QUANT_METHODS = ("rtn", "gptq", "awq", "smoothquant", "qat")
 ENGINE_DTYPES = ("fp32", "bf16", "fp16")
-CALIB_DTYPES = ("fp32", "bf16")  # fp16 would overflow on large activations and on the drift sums
+# "auto": bf16 where matrix products run natively in it, else fp32 (quant/gptq.py). fp16 would
+# overflow on large activations and on the drift sums.
+CALIB_DTYPES = ("auto", "fp32", "bf16")
 # One value for the whole model: the method, its calibration set, GPTQ's token weights (one
 # Hessian is shared by the linears that read one input) and calibration dtype, so `modules` may
 # not override them.
@@ -40,7 +42,7 @@ class QuantConfig:
     block_size: int = 128  # GPTQ lazy-update block width (columns)
     sink_weight: float = 16.0  # GPTQ: each calibration sequence's first token counts this often (quant/gptq.py)
     fp_target: float = 0.5  # GPTQ: how far each linear's target moves toward the float model's output (quant/gptq.py)
-    calib_dtype: str = "bf16"  # GPTQ: dtype of the calibration forward passes (Hessians and targets stay fp32)
+    calib_dtype: str = "auto"  # GPTQ: dtype of the calibration forward passes (Hessians and targets stay fp32)
     num_calib_samples: int = 128
     calib_seq_len: int = 2048
     modules: dict[str, dict] = field(default_factory=dict)

@@ -35,10 +35,11 @@ from +7.0 % to +4.9 % perplexity at 128 x 2048 calibration tokens, Qwen2.5-Coder
 to +1.7 %.
 
 The calibration forward passes run in config.calib_dtype, on a copy of each layer in that dtype:
-bf16 by default, the dtype the quantized model computes in (GPTQModel calibrates in the model's
-half precision). The drift's product runs in it too; the Hessians, the targets and the
-quantization stay in fp32, from the fp32 weights. benchmarks/results/gptq_calib_dtype_*.md compares
-bf16 with fp32 calibration.
+by default bf16 where matrix products run natively in it (CUDA; CPUs with AVX512-BF16 or AMX),
+the dtype the quantized model computes in (GPTQModel calibrates in the model's half precision),
+else fp32, which CPUs without bf16 units multiply faster. The drift's product runs in it too; the
+Hessians, the targets and the quantization stay in fp32, from the fp32 weights.
+benchmarks/results/gptq_calib_dtype_*.md compares bf16 with fp32 calibration.
 """
 
 import copy
@@ -274,6 +275,14 @@ def check_llama(model: nn.Module, method: str) -> None:
         raise ValueError(f"{method} supports Llama-family models, got {type(model).__name__}")
 
 
+def calibration_dtype(name: str, device: torch.device) -> torch.dtype:
+    """QuantConfig.calib_dtype on `device`: "auto" is bf16 where matrix products run natively in it."""
+    if name != "auto":
+        return torch_dtype(name)
+    native = device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
 def embed_calibration(
     model: LlamaForCausalLM,
     calib_batches: list[Tensor],
@@ -362,7 +371,7 @@ def gptq_quantize(
     check_llama(model, "GPTQ")
     inner = model.model
     with torch.no_grad():
-        dtype = torch_dtype(config.calib_dtype)
+        dtype = calibration_dtype(config.calib_dtype, inner.embed_tokens.weight.device)
         chunks = embed_calibration(model, calib_batches, "GPTQ", dtype=dtype)
         weights = [chunk.token_weights(config.sink_weight) for chunk in chunks]
         # With fp_target, the float model runs beside the quantized one, giving each linear its float inputs.
