@@ -22,6 +22,7 @@ from slimserve.eval.datasets import SOTU_EVAL_FROM_YEAR, load_text
 from slimserve.eval.machine import machine_info
 from slimserve.eval.report import QuantRow, delta_ppl_percent, write_report
 from slimserve.models.loader import load_config, load_tokenizer
+from slimserve.quant.gptq import calibration_dtype
 from slimserve.quant.pipeline import (
     DECODE_PROMPT_TOKENS,
     DECODE_TOKENS,
@@ -32,6 +33,9 @@ from slimserve.quant.pipeline import (
 from slimserve.quant.smoothquant import DEFAULT_ALPHA
 
 GPTQ_SECONDS_TARGET = 60
+# What QuantConfig's calib_dtype resolves to on this machine's CPU.
+CALIB_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}[
+    calibration_dtype(QuantConfig.calib_dtype, torch.device("cpu"))]
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,17 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
                  "W4 g128 +3.26 -> +2.46 % at 64 x 512 and +3.71 -> +1.69 % at 128 x 2048, W3 +17.65 -> +11.44 %, "
                  "W3 mse +16.64 -> +11.44 %. β 0.5 beats 0.25 and 1 on SmolLM2 in every sweep; on Qwen's W4 at "
                  "64 x 512, 1 reads +2.24 %.")
+    found.append("GPTQ's calibration dtype: the calibration forward passes, and the fp target's drift product, run"
+                 f" in {CALIB_DTYPE} here: QuantConfig's \"{QuantConfig.calib_dtype}\" takes bf16, the dtype the "
+                 "quantized rows compute in (GPTQModel calibrates in the model's half precision), where matrix "
+                 "products run natively in it (CUDA; CPUs with AVX512-BF16 or AMX; the 2-core AMD EPYC of earlier "
+                 "reports multiplied bf16 matrices at 835 GFLOPS against 215 in fp32, 2 threads), else fp32: on a "
+                 "2-core Xeon without them (results/gptq_calib_dtype_smollm2-135m_w4_cpu.md) SmolLM2's W4 GPTQ "
+                 "took 461 s in bf16 against 331 s in fp32. On a lent H100 (results/gptq_calib_dtype_*.md, this "
+                 "protocol, fp32 -> bf16, 4 windows / all windows) perplexity did not get worse: SmolLM2 W4 g64 "
+                 "+6.59 / +6.81 -> +6.33 / +6.52 % at 32 x 512 and +4.89 / +5.32 -> +4.73 / +5.09 % at 128 x 2048,"
+                 " W3 mse +26.51 / +29.93 -> +27.15 / +29.85 %; Qwen2.5-0.5B W4 g128 +2.46 / +2.20 -> +2.39 / "
+                 "+1.87 %, W3 mse +11.44 / +11.11 -> +11.58 / +11.05 %.")
     w3_gptq = min(w3_min_max, w3_mse)
     missed = [name for name, miss in ((f"W4 GPTQ ({w4_gptq:+.2f} %)", w4_gptq >= 4),
                                       (f"3-bit GPTQ ({w3_gptq:+.2f} % at best)", w3_gptq >= 15)) if miss]
@@ -313,7 +328,9 @@ def main() -> None:
   (`kernels/w4a8.cpp`), lm_head W8A8 per token: the arithmetic of llama.cpp's Q4_0 x Q8_0 products.
 - GPTQ: W4/W3 with act-order (desc_act), W8 per channel without; damping 1 %; each calibration sequence's
   first token counts {QuantConfig.sink_weight:g} times in the Hessians and each linear's target moves
-  {QuantConfig.fp_target:g} of the way to the float model's output (fp target; see the notes). Scales from each group's
+  {QuantConfig.fp_target:g} of the way to the float model's output (fp target; see the notes); calibration
+  forward passes in {CALIB_DTYPE} (see the notes), the Hessians and the quantization in fp32 from the fp32
+  weights. Scales from each group's
   min and max, except in "mse" rows (`--mse`): there each group's range is shrunk by up to 79 % in steps of
   1 % to minimize Σ |w - dequantized|^2.4, the GPTQ reference's `mse` option (lm_head stays min-max).
 - Quantize s: calibration + method on the fp32 model, without loading and saving.
