@@ -28,10 +28,10 @@ from slimserve.config import QuantConfig
 from slimserve.eval.datasets import load_text
 from slimserve.eval.machine import machine_info
 from slimserve.eval.perplexity import perplexity, window_size
-from slimserve.models.loader import load_config, load_model, load_tokenizer
+from slimserve.models.loader import dtype_name, load_config, load_model, load_tokenizer
 from slimserve.quant.calibrate import calibration_batches
 from slimserve.quant.formats import tie_quantized_embeddings
-from slimserve.quant.gptq import gptq_quantize
+from slimserve.quant.gptq import calibration_dtype, gptq_quantize
 from slimserve.quant.pipeline import default_group_size
 
 from quant_report import low_bit_scheme  # this folder's
@@ -86,7 +86,7 @@ def main() -> None:
             tie_quantized_embeddings(model)
             few, every = measure(model)
             rows.append(f"| {samples} x {seq_len} | {weight:g} | {weight / seq_len:.2%} | {fp_target:g} | "
-                        f"{calib_dtype} | {few:.4f} | {100 * (few / fp32[0] - 1):+.2f} | {every:.4f} | "
+                        f"{dtype_name(calibration_dtype(calib_dtype, torch.device(args.device)))} | {few:.4f} | {100 * (few / fp32[0] - 1):+.2f} | {every:.4f} | "
                         f"{100 * (every / fp32[1] - 1):+.2f} | {seconds:.0f} |")
             print(rows[-1], flush=True)
             del model

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from slimserve.errors import CheckpointError
 from slimserve.models.attention import QUERY_BLOCK, AttentionMetadata, PagedAttention, compiled_decode_attention
 from slimserve.models.inference_linear import PackedLinear, prepare_for_inference
-from slimserve.models.loader import load_model
+from slimserve.models.loader import DTYPES, dtype_name, load_model, torch_dtype
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
@@ -219,3 +219,11 @@ def test_nan_weights_are_refused(pair, tmp_path):
     _copy_with(folder, tmp_path, lambda t: t[name].view(-1).__setitem__(0, float("nan")))
     with pytest.raises(CheckpointError, match=f"{name}.*NaN"):
         load_model(tmp_path)
+
+
+def test_dtype_names_round_trip_and_unknown_ones_are_refused():
+    assert [dtype_name(torch_dtype(name)) for name in DTYPES] == list(DTYPES)
+    with pytest.raises(ValueError, match="float64"):
+        dtype_name(torch.float64)
+    with pytest.raises(ValueError, match="fp64"):
+        torch_dtype("fp64")

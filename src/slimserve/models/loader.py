@@ -43,6 +43,14 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch_dtype's inverse: torch.bfloat16 -> "bf16"."""
+    names = {value: name for name, value in DTYPES.items()}
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
+    return names[dtype]
+
+
 def load_config(path: Path) -> dict:
     """The HF-style config dict of a model folder or GGUF file."""
     if path.suffix == ".gguf":

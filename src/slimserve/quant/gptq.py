@@ -383,9 +383,8 @@ def gptq_quantize(
             runner = copy.deepcopy(layer).to(dtype)  # runs the calibration; GPTQ quantizes layer's weights
             fp_stages = layer_stages(copy.deepcopy(runner), fp_chunks) if fp_chunks else iter(())
             for names, inputs in layer_stages(runner, chunks):
-                fp_inputs = next(fp_stages)[1] if fp_chunks else inputs
-                group = _quantize_group(layer, f"model.layers.{index}.", names, inputs, fp_inputs, weights, config,
-                                        drift=bool(fp_chunks))
+                fp_inputs = next(fp_stages)[1] if fp_chunks else None
+                group = _quantize_group(layer, f"model.layers.{index}.", names, inputs, fp_inputs, weights, config)
                 for name, module in group.items():
                     # The stages after this one see the quantized weights; a plain Linear holding the
                     # dequantized weight runs them faster than the packed kernels at prefill sizes.
@@ -414,20 +413,19 @@ def _quantize_group(
     prefix: str,
     names: list[str],
     inputs: list[Tensor],
-    fp_inputs: list[Tensor],
+    fp_inputs: list[Tensor] | None,
     weights: list[Tensor],
     config: QuantConfig,
-    drift: bool,
 ) -> dict[str, QuantLinear]:
     """GPTQ the linears `names` of `layer`, which all read `inputs` (one tensor per chunk, its tokens
-    counted `weights` times in the Hessian; the float model's are `fp_inputs`, their drift summed
-    when `drift`, for each module's own fp_target)."""
+    counted `weights` times in the Hessian; the float model's are `fp_inputs`, whose drift is summed
+    for each module's own fp_target, or None without the float stream)."""
     kept = [(name, config.for_module(prefix + name)) for name in names]
     kept = [(name, c) for name, c in kept if c is not None]
     if not kept:
         return {}
-    collector = GPTQ(layer.get_submodule(kept[0][0]), drift)
-    for inp, fp_inp, inp_weights in zip(inputs, fp_inputs, weights):
+    collector = GPTQ(layer.get_submodule(kept[0][0]), drift=fp_inputs is not None)
+    for inp, fp_inp, inp_weights in zip(inputs, fp_inputs or [None] * len(inputs), weights):
         collector.add_batch(inp, inp_weights, fp_inp)
     # Stack linears with equal configs; a per-tensor scale must stay per linear.
     stacks: list[tuple[QuantConfig, list[str]]] = []
