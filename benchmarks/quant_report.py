@@ -5,7 +5,7 @@ bytes on disk, peak RSS, perplexity (DESIGN.md protocol), batch-1 greedy decode 
 time. Targets come from issue 4. Writes benchmarks/results/quant_<name>.md (+ PNG plots beside it).
 
     python benchmarks/quant_report.py [--model smollm2-135m|qwen2.5-coder-0.5b] [--max-windows N]
-        [--calib-samples 128] [--calib-seq-len 2048]
+        [--calib-samples 128] [--calib-seq-len 2048] [--row NAME --out FILE]
 """
 
 import argparse
@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from slimserve.assets import resolve_model
-from slimserve.config import QuantConfig
+from slimserve.config import SMOOTH_ALPHA, QuantConfig
 from slimserve.eval.datasets import SOTU_EVAL_FROM_YEAR, load_text
 from slimserve.eval.machine import machine_info
 from slimserve.eval.report import QuantRow, delta_ppl_percent, write_report
-from slimserve.models.loader import load_config, load_tokenizer
+from slimserve.models.loader import dtype_name, load_config, load_tokenizer
 from slimserve.quant.gptq import calibration_dtype
 from slimserve.quant.pipeline import (
     DECODE_PROMPT_TOKENS,
@@ -30,12 +30,10 @@ from slimserve.quant.pipeline import (
     default_group_size,
     run_variant,
 )
-from slimserve.quant.smoothquant import DEFAULT_ALPHA
 
 GPTQ_SECONDS_TARGET = 60
 # What QuantConfig's calib_dtype resolves to on this machine's CPU.
-CALIB_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}[
-    calibration_dtype(QuantConfig.calib_dtype, torch.device("cpu"))]
+CALIB_DTYPE = dtype_name(calibration_dtype(QuantConfig.calib_dtype, torch.device("cpu")))
 
 
 @dataclass(frozen=True)
@@ -56,6 +54,7 @@ MODELS = {
 
 HEAD_BF16 = "W8A16 GPTQ, lm_head bf16"
 SMOOTH_HEAD_A16 = "W8A8 SmoothQuant, lm_head W8A16"
+SMOOTH_GPTQ = "W8A8 SmoothQuant + GPTQ"
 DEFAULT_CALIB = dict(num_calib_samples=QuantConfig.num_calib_samples, calib_seq_len=QuantConfig.calib_seq_len)
 
 
@@ -91,6 +90,9 @@ def variants(calib: dict, group: int) -> list[Variant]:
         # its int8 weights with bf16 activations, as W8A8 checkpoints for vLLM keep lm_head out of W8A8
         Variant(SMOOTH_HEAD_A16, "bf16", QuantConfig(method="smoothquant", bits=8, group_size=-1, act_bits=8,
                                                      modules={"lm_head": {"act_bits": None}}, **calib)),
+        # llm-compressor's W8A8 recipe: GPTQ rounds the smoothed weights, which now carry the outliers
+        Variant(SMOOTH_GPTQ, "bf16", QuantConfig(method="gptq", bits=8, group_size=-1, act_bits=8,
+                                                 smooth_alpha=SMOOTH_ALPHA, **calib)),
         Variant(f"W4 g{group} RTN", "bf16", QuantConfig(bits=4, **low)),
         Variant(f"W4 g{group} GPTQ", "bf16", QuantConfig(method="gptq", bits=4, act_order=True, **low, **calib)),
         *default_calib,
@@ -108,7 +110,7 @@ def variants(calib: dict, group: int) -> list[Variant]:
 
 
 def targets(rows: list[QuantRow], group: int, timed: bool) -> dict[str, str]:
-    """Issue 4's targets, each with met / missed; GPTQ's time only where timed (SmolLM2)."""
+    """Issue 4's targets for the rows present, each with met / missed; GPTQ's time only where timed (SmolLM2)."""
     by_name = {r.name: r for r in rows}
     base = by_name["fp32"]
 
@@ -116,10 +118,12 @@ def targets(rows: list[QuantRow], group: int, timed: bool) -> dict[str, str]:
         delta = delta_ppl_percent(by_name[name], base)
         return f"Δ < {limit:g} %: {'met' if delta < limit else 'missed'}"
 
-    def recovers(name: str, rtn_name: str) -> str:
+    def recovers(name: str, rtn_name: str) -> list[str]:
+        if rtn_name not in by_name:
+            return []
         loss = by_name[rtn_name].ppl - base.ppl
         share = (by_name[rtn_name].ppl - by_name[name].ppl) / loss if loss > 0 else float("nan")
-        return f"recovers ≥ 50 % of RTN's loss: {'met' if share >= 0.5 else 'missed'} ({100 * share:.0f} %)"
+        return [f"recovers ≥ 50 % of RTN's loss: {'met' if share >= 0.5 else 'missed'} ({100 * share:.0f} %)"]
 
     def fast(name: str) -> list[str]:
         seconds = by_name[name].quantize_seconds
@@ -128,98 +132,30 @@ def targets(rows: list[QuantRow], group: int, timed: bool) -> dict[str, str]:
     w4, w3 = f"W4 g{group}", f"W3 g{group}"
 
     def four_bit(name: str, *extra: str) -> str:
-        return "; ".join([below(name, 4), recovers(name, f"{w4} RTN"), *extra])
+        return "; ".join([below(name, 4), *recovers(name, f"{w4} RTN"), *extra])
 
     found = {
-        "W8A16 RTN": below("W8A16 RTN", 0.3),
-        "W8A16 GPTQ": "; ".join([below("W8A16 GPTQ", 0.3), *fast("W8A16 GPTQ")]),
-        HEAD_BF16: "; ".join([below(HEAD_BF16, 0.3), *fast(HEAD_BF16)]),
-        f"W8A16 g{group} asym RTN": below(f"W8A16 g{group} asym RTN", 0.3),
-        "W8A8 SmoothQuant": below("W8A8 SmoothQuant", 1),
-        SMOOTH_HEAD_A16: below(SMOOTH_HEAD_A16, 1),
-        f"{w4} GPTQ": four_bit(f"{w4} GPTQ", *fast(f"{w4} GPTQ")),
-        f"{w4} AWQ": four_bit(f"{w4} AWQ"),
-        f"{w4} AWQ no clip": four_bit(f"{w4} AWQ no clip"),
-        f"{w3} GPTQ": "; ".join([below(f"{w3} GPTQ", 15), *fast(f"{w3} GPTQ")]),
-        f"{w3} GPTQ mse": "; ".join([below(f"{w3} GPTQ mse", 15), *fast(f"{w3} GPTQ mse")]),
+        "W8A16 RTN": lambda: below("W8A16 RTN", 0.3),
+        "W8A16 GPTQ": lambda: "; ".join([below("W8A16 GPTQ", 0.3), *fast("W8A16 GPTQ")]),
+        HEAD_BF16: lambda: "; ".join([below(HEAD_BF16, 0.3), *fast(HEAD_BF16)]),
+        f"W8A16 g{group} asym RTN": lambda: below(f"W8A16 g{group} asym RTN", 0.3),
+        "W8A8 SmoothQuant": lambda: below("W8A8 SmoothQuant", 1),
+        SMOOTH_HEAD_A16: lambda: below(SMOOTH_HEAD_A16, 1),
+        SMOOTH_GPTQ: lambda: below(SMOOTH_GPTQ, 1),
+        f"{w4} GPTQ": lambda: four_bit(f"{w4} GPTQ", *fast(f"{w4} GPTQ")),
+        # GPTQ's time target is set at the report's calibration
+        default_calib_name(group): lambda: four_bit(default_calib_name(group)),
+        f"{w4} AWQ": lambda: four_bit(f"{w4} AWQ"),
+        f"{w4} AWQ no clip": lambda: four_bit(f"{w4} AWQ no clip"),
+        f"{w3} GPTQ": lambda: "; ".join([below(f"{w3} GPTQ", 15), *fast(f"{w3} GPTQ")]),
+        f"{w3} GPTQ mse": lambda: "; ".join([below(f"{w3} GPTQ mse", 15), *fast(f"{w3} GPTQ mse")]),
     }
-    if default_calib_name(group) in by_name:  # GPTQ's time target is set at the report's calibration
-        found[default_calib_name(group)] = four_bit(default_calib_name(group))
-    return found
+    return {name: target() for name, target in found.items() if name in by_name}
 
 
-def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
-    """Why targets were missed, where the table itself shows it."""
-    by_name = {r.name: r for r in rows}
-    base, bf16 = by_name["fp32"], by_name["bf16"]
-    found = [f"Decode speeds are single runs: the W4 g{group} rows share one kernel, so their spread is this "
-             "machine's run-to-run noise (see the load average above)."]
-    rtn, gptq, head_bf16, grouped = (delta_ppl_percent(by_name[n], base) for n in
-                                     ("W8A16 RTN", "W8A16 GPTQ", HEAD_BF16, f"W8A16 g{group} asym RTN"))
-    if rtn >= 0.3:
-        found.append(f"W8A16 RTN per channel misses 0.3 % ({rtn:+.2f} %): one symmetric scale per row rounds the "
-                     f"weights that meet the largest activations as coarsely as the rest. GPTQ at 8 bits per channel "
-                     f"({gptq:+.2f} %) keeps the same layout, and so the packed int8 kernel, and corrects part of that "
-                     f"error from the calibration Hessian. Asymmetric groups of {group} ({grouped:+.2f} %) need no "
-                     "calibration and run the same kernel (w8a16.cpp), which dequantizes each 32 weights as it "
-                     "reads them.")
-    if 0.3 <= gptq and head_bf16 < gptq:
-        found.append(f"W8A16 GPTQ misses 0.3 % by {gptq - 0.3:.2f} points; with lm_head left in bf16 the same GPTQ "
-                     f"gives {head_bf16:+.2f} %, so the 8-bit head costs the difference"
-                     + (" (on this model it is the embedding too, tied)." if facts.tied_head else ".")
-                     + " Both keep the packed int8 kernel; the bf16 head adds its size on disk.")
-    naive, smooth, smooth_head = (delta_ppl_percent(by_name[n], base)
-                                  for n in ("W8A8 naive RTN", "W8A8 SmoothQuant", SMOOTH_HEAD_A16))
-    if smooth >= 1:
-        found.append(f"W8A8 SmoothQuant ({smooth:+.2f} %) cuts naive W8A8's loss ({naive:+.2f} %) but misses 1 %. "
-                     f"With lm_head's activations left in bf16 (\"{SMOOTH_HEAD_A16}\": its int8 weights, the same "
-                     f"size on disk) it reads {smooth_head:+.2f} %: lm_head's input, the final norm's output, is the "
-                     "one input SmoothQuant does not smooth (a tied lm_head is the embedding too, whose columns cannot "
-                     "take the scales). Neural Magic's W8A8 checkpoints for vLLM likewise quantize only the linears "
-                     "inside the decoder layers. The alpha is not what is left: on "
-                     "SmolLM2 in bf16 (one-off, 4 windows) 0.5 / 0.6 / 0.65 / 0.7 / 0.8 read +1.45 / +1.22 / +1.08 / "
-                     "+1.56 / +2.03 %.")
-    slow = [r.name for r in rows if r.method != "none" and r.decode_tokens_per_second < bf16.decode_tokens_per_second]
-    if slow:
-        found.append(f"Below bf16's decode speed in this single run: {', '.join(slow)} (packed kernels, as every "
-                     "quantized row); rows sharing a kernel spread as far here (see the first note).")
-    awq, awq_no_clip = (delta_ppl_percent(by_name[f"W4 g{group} AWQ{suffix}"], base) for suffix in ("", " no clip"))
-    if awq > awq_no_clip:
-        found.append(f"AWQ's weight clipping costs perplexity here: {awq:+.2f} % with it, {awq_no_clip:+.2f} % without "
-                     "(the same scales; awq_clip=False). Measured apart on Qwen2.5-0.5B's gate/up layers: the clip "
-                     "lowers each layer's output error by 8-18 % on calibration tokens its search did not see, "
-                     "position-0 tokens included, yet perplexity rises; which layers' clips cost it is spread "
-                     "over the depth (clipping gate/up in layers 0-11 only, or 12-23 only, each costs about half). "
-                     "Why a lower layer error gives a higher perplexity here is not understood, but it is the "
-                     "method's result on this checkpoint, not this implementation's: AutoAWQ's own "
-                     "quantizer, given the same weights and calibration tokens, loses to RTN on Qwen2.5-0.5B as "
-                     "this AWQ does (results/awq_reference_qwen2.5-coder-0.5b.md: +16.87 % with clipping, +9.79 % "
-                     "without, RTN +10.03 %; slimserve +15.23 % and +9.65 %).")
-    if any(r.quantize_seconds >= GPTQ_SECONDS_TARGET for r in rows if r.method == "gptq"):
-        found.append("GPTQ time is dominated by matrix products proportional to the calibration tokens: the "
-                     "calibration forward pass through each layer and the Hessians' x xᵀ sums (on SmolLM2 at "
-                     "32 x 512 tokens, 2 threads, sampled before the Hessians summed only their upper block "
-                     "triangle: forward 54 % (its linears 32 %, attention 16 %), Hessians 28 %, the column loop "
-                     "with its Cholesky factorizations 15 %). The fp target doubles the forward pass (the float "
-                     "model runs beside the quantized one) and adds one x_fp xᵀ product per token: SmolLM2's W4 "
-                     "GPTQ at 32 x 512 took 36 s without it and 76 s with it (one-off, 2 threads).")
-    w3_min_max, w3_mse = (delta_ppl_percent(by_name[f"W3 g{group} GPTQ{suffix}"], base) for suffix in ("", " mse"))
-    found.append(f"Searched ranges (mse) take 3-bit GPTQ from {w3_min_max:+.2f} % to {w3_mse:+.2f} %: at 3 bits "
-                 "a finer step for most weights can be worth clipping a few. They are not the default: in one-off "
-                 "runs of this protocol before the sink weight and the fp target (lm_head searched too) they left "
-                 "W4 GPTQ unchanged (SmolLM2 g64 +11.85 % "
-                 "against +11.79 %, Qwen2.5-0.5B g128 +4.71 % against +4.69 %), made SmolLM2's W4 g64 RTN worse "
-                 "(+31.93 % against +27.59 %) and its W8 per-channel RTN too (+0.69 % against +0.59 %), and the "
-                 "search adds to GPTQ's time (quantize s: 80 trial ranges a group).")
-    w4_gptq = delta_ppl_percent(by_name[f"W4 g{group} GPTQ"], base)
-    full_row = by_name.get(default_calib_name(group))
-    if full_row is not None:
-        full = delta_ppl_percent(full_row, base)
-        found.append(f"Calibration size: W4 GPTQ reads {w4_gptq:+.2f} % at this report's calibration and "
-                     f"{full:+.2f} % at the issue's default, {DEFAULT_CALIB['num_calib_samples']} x "
-                     f"{DEFAULT_CALIB['calib_seq_len']} tokens (row \"{full_row.name}\", "
-                     f"{full_row.quantize_seconds:.0f} s to quantize); the other calibrated rows use the smaller "
-                     "calibration for this report's run time.")
+def gptq_default_notes() -> list[str]:
+    """What every GPTQ row runs with: the sink weight, the fp target, the calibration dtype."""
+    found = []
     found.append(f"GPTQ's sink weight: each calibration sequence's first token, the attention sink every later token "
                  f"reads, counts {QuantConfig.sink_weight:g} times in the Hessians. Counted once, as in the GPTQ "
                  "reference, it carries up to 99 % of a down_proj Hessian's trace yet a small share of its weight, "
@@ -252,7 +188,97 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
                  "+6.59 / +6.81 -> +6.33 / +6.52 % at 32 x 512 and +4.89 / +5.32 -> +4.73 / +5.09 % at 128 x 2048,"
                  " W3 mse +26.51 / +29.93 -> +27.15 / +29.85 %; Qwen2.5-0.5B W4 g128 +2.46 / +2.20 -> +2.39 / "
                  "+1.87 %, W3 mse +11.44 / +11.11 -> +11.58 / +11.05 %.")
-    w3_gptq = min(w3_min_max, w3_mse)
+    return found
+
+
+def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
+    """Why targets were missed, where the table itself shows it; each note where its rows are present."""
+    by_name = {r.name: r for r in rows}
+    base = by_name["fp32"]
+
+    def have(*names: str) -> bool:
+        return all(name in by_name for name in names)
+
+    def delta(name: str) -> float:
+        return delta_ppl_percent(by_name[name], base)
+
+    found = [f"Decode speeds are single runs: the W4 g{group} rows share one kernel, so their spread is this "
+             "machine's run-to-run noise (see the load average above)."]
+    w8a16 = ("W8A16 RTN", "W8A16 GPTQ", HEAD_BF16, f"W8A16 g{group} asym RTN")
+    rtn, gptq, head_bf16, grouped = (delta(n) if have(n) else float("nan") for n in w8a16)
+    if have(*w8a16) and rtn >= 0.3:
+        found.append(f"W8A16 RTN per channel misses 0.3 % ({rtn:+.2f} %): one symmetric scale per row rounds the "
+                     f"weights that meet the largest activations as coarsely as the rest. GPTQ at 8 bits per channel "
+                     f"({gptq:+.2f} %) keeps the same layout, and so the packed int8 kernel, and corrects part of that "
+                     f"error from the calibration Hessian. Asymmetric groups of {group} ({grouped:+.2f} %) need no "
+                     "calibration and run the same kernel (w8a16.cpp), which dequantizes each 32 weights as it "
+                     "reads them.")
+    if have(*w8a16) and 0.3 <= gptq and head_bf16 < gptq:
+        found.append(f"W8A16 GPTQ misses 0.3 % by {gptq - 0.3:.2f} points; with lm_head left in bf16 the same GPTQ "
+                     f"gives {head_bf16:+.2f} %, so the 8-bit head costs the difference"
+                     + (" (on this model it is the embedding too, tied)." if facts.tied_head else ".")
+                     + " Both keep the packed int8 kernel; the bf16 head adds its size on disk.")
+    w8a8 = ("W8A8 naive RTN", "W8A8 SmoothQuant", SMOOTH_HEAD_A16, SMOOTH_GPTQ)
+    if have(*w8a8) and delta("W8A8 SmoothQuant") >= 1:
+        naive, smooth, smooth_head, smooth_gptq = map(delta, w8a8)
+        found.append(f"W8A8 SmoothQuant ({smooth:+.2f} %) cuts naive W8A8's loss ({naive:+.2f} %) but misses 1 %. "
+                     f"With lm_head's activations left in bf16 (\"{SMOOTH_HEAD_A16}\": its int8 weights, the same "
+                     f"size on disk) it reads {smooth_head:+.2f} %: lm_head's input, the final norm's output, is the "
+                     "one input SmoothQuant does not smooth (a tied lm_head is the embedding too, whose columns cannot "
+                     "take the scales). Neural Magic's W8A8 checkpoints for vLLM likewise quantize only the linears "
+                     "inside the decoder layers. The alpha is not what is left: on "
+                     "SmolLM2 in bf16 (one-off, 4 windows) 0.5 / 0.6 / 0.65 / 0.7 / 0.8 read +1.45 / +1.22 / +1.08 / "
+                     "+1.56 / +2.03 %. What is left is the weights' rounding, which smoothing makes coarser (the "
+                     f"int8 weights now carry the outliers): GPTQ on the smoothed weights (\"{SMOOTH_GPTQ}\", "
+                     f"llm-compressor's W8A8 recipe) reads {smooth_gptq:+.2f} %, lm_head W8A8 included.")
+    slow = [r.name for r in rows if r.method != "none" and have("bf16")
+            and r.decode_tokens_per_second < by_name["bf16"].decode_tokens_per_second]
+    if slow:
+        found.append(f"Below bf16's decode speed in this single run: {', '.join(slow)} (packed kernels, as every "
+                     "quantized row); rows sharing a kernel spread as far here (see the first note).")
+    awq_rows = (f"W4 g{group} AWQ", f"W4 g{group} AWQ no clip")
+    if have(*awq_rows) and delta(awq_rows[0]) > delta(awq_rows[1]):
+        awq, awq_no_clip = map(delta, awq_rows)
+        found.append(f"AWQ's weight clipping costs perplexity here: {awq:+.2f} % with it, {awq_no_clip:+.2f} % without "
+                     "(the same scales; awq_clip=False). Measured apart on Qwen2.5-0.5B's gate/up layers: the clip "
+                     "lowers each layer's output error by 8-18 % on calibration tokens its search did not see, "
+                     "position-0 tokens included, yet perplexity rises; which layers' clips cost it is spread "
+                     "over the depth (clipping gate/up in layers 0-11 only, or 12-23 only, each costs about half). "
+                     "Why a lower layer error gives a higher perplexity here is not understood, but it is the "
+                     "method's result on this checkpoint, not this implementation's: AutoAWQ's own "
+                     "quantizer, given the same weights and calibration tokens, loses to RTN on Qwen2.5-0.5B as "
+                     "this AWQ does (results/awq_reference_qwen2.5-coder-0.5b.md: +16.87 % with clipping, +9.79 % "
+                     "without, RTN +10.03 %; slimserve +15.23 % and +9.65 %).")
+    if any(r.quantize_seconds >= GPTQ_SECONDS_TARGET for r in rows if r.method == "gptq"):
+        found.append("GPTQ time is dominated by matrix products proportional to the calibration tokens: the "
+                     "calibration forward pass through each layer and the Hessians' x xᵀ sums (on SmolLM2 at "
+                     "32 x 512 tokens, 2 threads, sampled before the Hessians summed only their upper block "
+                     "triangle: forward 54 % (its linears 32 %, attention 16 %), Hessians 28 %, the column loop "
+                     "with its Cholesky factorizations 15 %). The fp target doubles the forward pass (the float "
+                     "model runs beside the quantized one) and adds one x_fp xᵀ product per token: SmolLM2's W4 "
+                     "GPTQ at 32 x 512 took 36 s without it and 76 s with it (one-off, 2 threads).")
+    w3_rows = (f"W3 g{group} GPTQ", f"W3 g{group} GPTQ mse")
+    if have(*w3_rows):
+        w3_min_max, w3_mse = map(delta, w3_rows)
+        found.append(f"Searched ranges (mse) take 3-bit GPTQ from {w3_min_max:+.2f} % to {w3_mse:+.2f} %: at 3 bits "
+                     "a finer step for most weights can be worth clipping a few. They are not the default: in one-off "
+                     "runs of this protocol before the sink weight and the fp target (lm_head searched too) they left "
+                     "W4 GPTQ unchanged (SmolLM2 g64 +11.85 % "
+                     "against +11.79 %, Qwen2.5-0.5B g128 +4.71 % against +4.69 %), made SmolLM2's W4 g64 RTN worse "
+                     "(+31.93 % against +27.59 %) and its W8 per-channel RTN too (+0.69 % against +0.59 %), and the "
+                     "search adds to GPTQ's time (quantize s: 80 trial ranges a group).")
+    w4_gptq = delta(f"W4 g{group} GPTQ") if have(f"W4 g{group} GPTQ") else float("nan")
+    full_row = by_name.get(default_calib_name(group))
+    if full_row is not None and have(f"W4 g{group} GPTQ"):
+        full = delta_ppl_percent(full_row, base)
+        found.append(f"Calibration size: W4 GPTQ reads {w4_gptq:+.2f} % at this report's calibration and "
+                     f"{full:+.2f} % at the issue's default, {DEFAULT_CALIB['num_calib_samples']} x "
+                     f"{DEFAULT_CALIB['calib_seq_len']} tokens (row \"{full_row.name}\", "
+                     f"{full_row.quantize_seconds:.0f} s to quantize); the other calibrated rows use the smaller "
+                     "calibration for this report's run time.")
+    if any(r.method == "gptq" for r in rows):
+        found += gptq_default_notes()
+    w3_gptq = min((delta(n) for n in w3_rows if have(n)), default=float("nan"))
     missed = [name for name, miss in ((f"W4 GPTQ ({w4_gptq:+.2f} %)", w4_gptq >= 4),
                                       (f"3-bit GPTQ ({w3_gptq:+.2f} % at best)", w3_gptq >= 15)) if miss]
     if missed:
@@ -278,18 +304,27 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: results/quant_<name>.md")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the model folders go (default: a temp dir)")
     parser.add_argument("--note", action="append", default=[], help="a line added to the report's notes")
+    parser.add_argument("--row", action="append", default=[],
+                        help="measure only this row (repeatable; fp32, the baseline, always runs); needs --out")
     args = parser.parse_args()
     torch.manual_seed(0)
     facts = MODELS[args.model]
-    out = args.out or Path(__file__).parent / "results" / f"quant_{facts.report_name}.md"
     group = default_group_size(load_config(resolve_model(args.model)))
-    machine = machine_info()
     calib = dict(num_calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
+    chosen = variants(calib, group)
+    if args.row:
+        unknown = sorted(set(args.row) - {v.name for v in chosen})
+        if unknown or args.out is None:
+            parser.error(f"--row needs --out (a partial table must not replace the report) and names from "
+                         f"{[v.name for v in chosen]}; unknown: {unknown}")
+        chosen = [v for v in chosen if v.name in args.row or v.name == "fp32"]
+    out = args.out or Path(__file__).parent / "results" / f"quant_{facts.report_name}.md"
+    machine = machine_info()
     eval_token_ids = load_tokenizer(args.model).encode(load_text("sotu"))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work_dir:
         rows = [run_variant(args.model, v, Path(work_dir), eval_token_ids, args.max_windows)
-                for v in variants(calib, group)]
+                for v in chosen]
     minutes = (time.perf_counter() - start) / 60
     base = rows[0]
     group_reason = ("a multiple of 128, so the issue's g128 targets are checked as asked" if group == 128 else
@@ -322,7 +357,7 @@ def main() -> None:
   batch 1, {DECODE_TOKENS} tokens after a {DECODE_PROMPT_TOKENS}-token prompt. Peak RAM: peak RSS of a fresh
   process loading the row's folder and evaluating it.
 - W8A8: int8 weights per output channel, int8 activations per token computed at run time (dynamic).
-  SmoothQuant: alpha {DEFAULT_ALPHA}, scales folded into input_layernorm (q/k/v), post_attention_layernorm
+  SmoothQuant: alpha {SMOOTH_ALPHA}, scales folded into input_layernorm (q/k/v), post_attention_layernorm
   (gate/up), v_proj's rows (o_proj, one scale per KV head's channel) and up_proj (down_proj).
 - W4A8: the W4 rows' integers with int8 activations per row and group of {group} columns computed at run time
   (`kernels/w4a8.cpp`), lm_head W8A8 per token: the arithmetic of llama.cpp's Q4_0 x Q8_0 products.

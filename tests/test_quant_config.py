@@ -1,6 +1,6 @@
 import pytest
 
-from slimserve.config import QuantConfig
+from slimserve.config import SMOOTH_ALPHA, QuantConfig
 
 
 def test_defaults_are_4bit_g128_symmetric_rtn():
@@ -9,6 +9,12 @@ def test_defaults_are_4bit_g128_symmetric_rtn():
     assert (config.damp_percent, config.block_size) == (0.01, 128)
     assert (config.num_calib_samples, config.calib_seq_len) == (128, 2048)
     assert config.skip == ["embed_tokens"]
+
+
+def test_only_method_smoothquant_smooths_by_default():
+    assert QuantConfig(method="smoothquant").smooth_alpha == SMOOTH_ALPHA
+    assert QuantConfig(method="smoothquant", smooth_alpha=0.5).smooth_alpha == 0.5
+    assert QuantConfig(method="gptq").smooth_alpha is None and QuantConfig().smooth_alpha is None
 
 
 @pytest.mark.parametrize(
@@ -34,6 +40,9 @@ def test_defaults_are_4bit_g128_symmetric_rtn():
          r"modules\['q_proj'\] overrides \['sink_weight'\], which apply to the whole model"),
         ({"modules": {"lm_head": {"method": "rtn"}}}, r"overrides \['method'\], which apply to the whole model"),
         ({"method": "awq", "mse": True}, "mse searches RTN's and GPTQ's ranges; awq has its own"),
+        ({"method": "awq", "smooth_alpha": 0.5}, "smooth_alpha applies before rtn, gptq, smoothquant; awq cannot"),
+        ({"method": "gptq", "smooth_alpha": 1.5}, r"smooth_alpha must be in \[0, 1\], got 1.5"),
+        ({"modules": {"q_proj": {"smooth_alpha": 0.5}}}, r"overrides \['smooth_alpha'\], which apply to the whole"),
     ],
 )
 def test_bad_values_name_field_and_value(kwargs, message):

@@ -7,6 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from slimserve.cli import app
+from slimserve.config import SMOOTH_ALPHA
 from slimserve.models.loader import load_model
 
 pytestmark = pytest.mark.real_model
@@ -28,7 +29,8 @@ def test_smoothquant_writes_a_w8a8_model(tmp_path):
                                       "--group-size", "-1", "--num-calib-samples", "2", "--calib-seq-len", "64",
                                       "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["act_bits"] == 8
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["act_bits"] == 8 and saved["smooth_alpha"] == SMOOTH_ALPHA
     model = load_model(tmp_path, torch.bfloat16)
     assert model.model.layers[0].mlp.down_proj.act_bits == 8
 
@@ -44,3 +46,10 @@ def test_mse_reaches_the_config(tmp_path):
     result = CliRunner().invoke(app, ["quantize", "smollm2-135m", "--method", "awq", "--mse", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "mse searches RTN's and GPTQ's ranges; awq has its own" in result.output
+
+
+def test_smooth_alpha_reaches_the_config(tmp_path):
+    result = CliRunner().invoke(app, ["quantize", "smollm2-135m", "--method", "awq", "--smooth-alpha", "0.5",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "smooth_alpha applies before rtn, gptq, smoothquant; awq cannot take it" in result.output

@@ -6,10 +6,11 @@ import torch
 from outlier_llama import outlier_llama, sequences
 from smollm2_layers import smollm2_two_layers
 
-from slimserve.config import QuantConfig
+from slimserve.config import SMOOTH_ALPHA, QuantConfig
 from slimserve.models.attention import AttentionMetadata
 from slimserve.quant.qlinear import QuantLinear, quantize_model
-from slimserve.quant.smoothquant import W8A8, activation_max, smooth, smoothquant
+from slimserve.quant.pipeline import quantize_in_place
+from slimserve.quant.smoothquant import activation_max, smooth, smoothquant
 
 
 def logits(model, ids_list: list[torch.Tensor]) -> torch.Tensor:
@@ -58,7 +59,9 @@ def test_smoothquant_beats_naive_w8a8_on_outlier_channels():
     # lm_head's input is not smoothed; leaving it in float isolates the decoder layers
     config = QuantConfig(bits=8, group_size=-1, act_bits=8, skip=["embed_tokens", "lm_head"])
     naive = quantize_model(copy.deepcopy(model), config)
-    smoothed = smoothquant(copy.deepcopy(model), sequences(4, 48, seed=0), alpha=0.5, config=config)
+    smoothed = copy.deepcopy(model)
+    smoothquant(smoothed, sequences(4, 48, seed=0), alpha=0.5)
+    quantize_model(smoothed, config)
     assert isinstance(smoothed.model.layers[1].mlp.down_proj, QuantLinear)
     assert smoothed.model.layers[0].self_attn.q_proj.act_bits == 8
     naive_error = relative_error(logits(naive, held_out), reference)
@@ -66,10 +69,37 @@ def test_smoothquant_beats_naive_w8a8_on_outlier_channels():
     assert smooth_error < 0.6 * naive_error  # measured 0.52x
 
 
-def test_default_config_is_w8a8_everywhere_but_the_embedding():
-    model = smoothquant(outlier_llama(30.0, 2), sequences(2, 16, seed=0))
+def test_method_smoothquant_is_rtn_after_smoothing_at_the_default_alpha():
+    model, calib = outlier_llama(30.0, 2), sequences(2, 16, seed=0)
+    config = QuantConfig(method="smoothquant", bits=8, group_size=-1, act_bits=8)
+    expected = copy.deepcopy(model)
+    smoothquant(expected, calib, SMOOTH_ALPHA)
+    quantize_model(expected, config)
+    quantize_in_place(model, calib, config)
     assert model.lm_head.act_bits == 8 and model.model.layers[0].mlp.down_proj.act_bits == 8
-    assert W8A8.bits == 8 and W8A8.group_size == -1 and W8A8.skip == ["embed_tokens"]
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"):
+        assert torch.equal(model.get_submodule(name).dequantize(), expected.get_submodule(name).dequantize()), name
+    torch.testing.assert_close(model.model.layers[0].input_layernorm.weight,
+                               expected.model.layers[0].input_layernorm.weight, rtol=0, atol=0)
+
+
+def test_smoothquant_then_gptq_beats_either_alone():
+    """SmoothQuant + GPTQ W8A8 (llm-compressor's recipe): the smoothed activations quantize well and GPTQ
+    corrects the weights' rounding, which now carries the outliers."""
+    model = outlier_llama(30.0, 2)
+    held_out = sequences(2, 40, seed=1)
+    reference = logits(model, held_out)
+    calib = sequences(4, 48, seed=0)
+    scheme = dict(bits=8, group_size=-1, act_bits=8, skip=["embed_tokens", "lm_head"], num_calib_samples=4,
+                  calib_seq_len=48)
+    errors = {}
+    for name, config in {"smoothquant": QuantConfig(method="smoothquant", smooth_alpha=0.5, **scheme),
+                         "gptq": QuantConfig(method="gptq", **scheme),
+                         "smoothquant + gptq": QuantConfig(method="gptq", smooth_alpha=0.5, **scheme)}.items():
+        quantized = copy.deepcopy(model)
+        quantize_in_place(quantized, calib, config)
+        errors[name] = relative_error(logits(quantized, held_out), reference)
+    assert errors["smoothquant + gptq"] < min(errors["smoothquant"], errors["gptq"]), errors
 
 
 def test_bad_input_rejected():

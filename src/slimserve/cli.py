@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from slimserve.assets import DEFAULT_MODEL
-from slimserve.config import QUANT_METHODS, QuantConfig, ServeConfig
+from slimserve.config import QUANT_METHODS, SMOOTH_ALPHA, QuantConfig, ServeConfig
 
 app = typer.Typer(help="Quantize, evaluate, accelerate and serve language models.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -117,6 +117,9 @@ def quantize(
                                                   "or auto (bf16 on CUDA and CPUs with bf16 units, else fp32); "
                                                   "Hessians and the quantization stay in fp32.")]
     = _QUANT.calib_dtype,
+    smooth_alpha: Annotated[float | None, typer.Option(
+        help=f"SmoothQuant's alpha, its scales folded in before rtn or gptq quantizes (with gptq and --act-bits 8: "
+             f"SmoothQuant + GPTQ W8A8); smoothquant's default {SMOOTH_ALPHA}, else none.")] = None,
     format: Annotated[str, typer.Option(help="slimserve, gptq or awq.")] = "slimserve",
     out: Annotated[Path, typer.Option(help="Folder to write.")] = Path("quantized"),
 ):
@@ -129,7 +132,7 @@ def quantize(
         config = QuantConfig(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                              awq_clip=awq_clip, mse=mse, act_bits=act_bits, num_calib_samples=num_calib_samples,
                              calib_seq_len=calib_seq_len, sink_weight=sink_weight,
-                             fp_target=fp_target, calib_dtype=calib_dtype)
+                             fp_target=fp_target, calib_dtype=calib_dtype, smooth_alpha=smooth_alpha)
         result = run_quantize(model, config, out, calib_dataset=calib, format=format)
     except (ValueError, FileNotFoundError) as e:
         _die(str(e))

@@ -51,17 +51,14 @@ def _awq(model: nn.Module, calib_batches: list[Tensor], config: QuantConfig, pro
     awq_quantize(model, calib_batches, config, progress=progress)
 
 
-def _smoothquant(model: nn.Module, calib_batches: list[Tensor], config: QuantConfig, progress: bool) -> None:
-    smoothquant(model, calib_batches, config=config)  # smooths, then quantizes with config (W8A8 when act_bits=8)
-
-
 def _qat(model: nn.Module, calib_batches: list[Tensor], config: QuantConfig, progress: bool) -> None:
     qat_finetune(model, calib_batches, config, progress=progress)  # distils from the float model, then RTN
 
 
-# method -> quantizes the fp32 model in place; every method but RTN gets calibration batches
+# method -> quantizes the fp32 model in place, after SmoothQuant's scales where config.smooth_alpha is
+# set (always for "smoothquant", RTN once smoothed); every method but RTN gets calibration batches
 METHODS: dict[str, Callable[[nn.Module, list[Tensor], QuantConfig, bool], None]] = {
-    "rtn": _rtn, "gptq": _gptq, "awq": _awq, "smoothquant": _smoothquant, "qat": _qat,
+    "rtn": _rtn, "gptq": _gptq, "awq": _awq, "smoothquant": _rtn, "qat": _qat,
 }
 DECODE_TOKENS = 64  # tokens generated per decode-speed measurement
 DECODE_PROMPT_TOKENS = 32
@@ -87,8 +84,6 @@ def quantize(
     dtype: str = "bf16",
 ) -> QuantizeResult:
     """Quantize the model at model_spec with config into out_dir; dtype is the storage and compute dtype."""
-    if config.method not in METHODS:
-        raise ValueError(f"method {config.method!r} is not supported yet; supported: {', '.join(METHODS)}")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if dtype not in DTYPES:
@@ -98,18 +93,27 @@ def quantize(
     model = load_model(path, torch.float32)
     start = time.perf_counter()
     calib_batches = []
-    if config.method != "rtn":
+    if config.method != "rtn" or config.smooth_alpha is not None:
         if config.calib_seq_len > model.max_model_len:
             raise ValueError(f"calib_seq_len {config.calib_seq_len} exceeds the model's context {model.max_model_len}")
         calib_batches = calibration_batches(load_tokenizer(path), calib_dataset, num_samples=config.num_calib_samples,
                                             seq_len=config.calib_seq_len)
-    METHODS[config.method](model, calib_batches, config, progress)
+    quantize_in_place(model, calib_batches, config, progress)
     seconds = time.perf_counter() - start
     model.to(DTYPES[dtype])
     tie_quantized_embeddings(model)  # after the cast, so the embedding equals what is stored
     save_model(model, load_config(path), out_dir, format, config, tokenizer_source=path)
     return QuantizeResult(out_dir, seconds, peak_rss_bytes(), disk_bytes(out_dir),
                           len(calib_batches), config.calib_seq_len if calib_batches else 0)
+
+
+def quantize_in_place(model: nn.Module, calib_batches: list[Tensor], config: QuantConfig,
+                      progress: bool = False) -> None:
+    """Quantize a loaded fp32 model with config: SmoothQuant's scales first where config.smooth_alpha
+    is set, then config.method."""
+    if config.smooth_alpha is not None:
+        smoothquant(model, calib_batches, config.smooth_alpha)
+    METHODS[config.method](model, calib_batches, config, progress)
 
 
 def cached_quantize(model_spec: str | Path, config: QuantConfig, calib_dataset: str = "sotu-calib",

@@ -8,26 +8,22 @@ is the same product with a flatter X; diag(s)⁻¹ folds into the op that produc
 for down_proj the up_proj rows, since silu(gate)·up is linear in up's output; for o_proj the
 v_proj rows, since attention averages v), diag(s) into the weight columns of every linear reading
 X. The fold is exact in real arithmetic; in floating point outputs move by rounding only.
+
+The smoothed model is then quantized by RTN (method "smoothquant") or GPTQ (QuantConfig.smooth_alpha
+with method "gptq": SmoothQuant + GPTQ, llm-compressor's W8A8 recipe); see quant/pipeline.py.
 """
 
 import torch
 from torch import Tensor, nn
 
-from slimserve.config import QuantConfig
 from slimserve.models.attention import AttentionMetadata
 from slimserve.quant.gptq import check_llama
-from slimserve.quant.qlinear import quantize_model
-
-DEFAULT_ALPHA = 0.65  # SmolLM2 W8A8, fp32, 4 windows: +1.36 % at the paper's 0.5, +0.91 % at 0.65, +1.68 % at 0.8
-W8A8 = QuantConfig(method="smoothquant", bits=8, group_size=-1, sym=True, act_bits=8)
 
 
-def smoothquant(
-    model: nn.Module, calib_batches: list[Tensor], alpha: float = DEFAULT_ALPHA, config: QuantConfig = W8A8
-) -> nn.Module:
-    """Smooth a Llama-family model in place, then quantize its linears with `config` (W8A8)."""
+def smoothquant(model: nn.Module, calib_batches: list[Tensor], alpha: float) -> None:
+    """Fold SmoothQuant's scales, from the activations of calib_batches, into a Llama-family model in
+    place; its outputs stay the same until a method quantizes it (QuantConfig.smooth_alpha)."""
     smooth(model, activation_max(model, calib_batches), alpha)
-    return quantize_model(model, config)
 
 
 def activation_max(model: nn.Module, calib_batches: list[Tensor]) -> dict[str, Tensor]:
@@ -59,7 +55,7 @@ def activation_max(model: nn.Module, calib_batches: list[Tensor]) -> dict[str, T
     return maxima
 
 
-def smooth(model: nn.Module, act_max: dict[str, Tensor], alpha: float = DEFAULT_ALPHA) -> None:
+def smooth(model: nn.Module, act_max: dict[str, Tensor], alpha: float) -> None:
     """Fold SmoothQuant scales into every decoder layer of a Llama-family model, in place.
 
     act_max: activation_max's result for this model before smoothing. Smoothed inputs: q/k/v
