@@ -259,12 +259,14 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
                      "without, RTN +10.03 %; slimserve +15.23 % and +9.65 %).")
     if any(r.quantize_seconds >= GPTQ_SECONDS_TARGET for r in rows if r.method == "gptq"):
         found.append("GPTQ time is dominated by matrix products proportional to the calibration tokens: the "
-                     "calibration forward pass through each layer and the Hessians' x xᵀ sums (on SmolLM2 at "
-                     "32 x 512 tokens, 2 threads, sampled before the Hessians summed only their upper block "
-                     "triangle: forward 54 % (its linears 32 %, attention 16 %), Hessians 28 %, the column loop "
-                     "with its Cholesky factorizations 15 %). The fp target doubles the forward pass (the float "
-                     "model runs beside the quantized one) and adds one x_fp xᵀ product per token: SmolLM2's W4 "
-                     "GPTQ at 32 x 512 took 36 s without it and 76 s with it (one-off, 2 threads).")
+                     "calibration forward passes through each layer and the Hessians' x xᵀ sums. The fp target "
+                     "doubles the forward passes (the float model runs beside the quantized one) and adds one "
+                     "x_fp xᵀ product per token: SmolLM2's W4 GPTQ at 32 x 512 took 36 s without it and 76 s with "
+                     "it (one-off, 2 threads of the AMD EPYC). benchmarks/gptq_time_cpu.py times the parts: on 2 "
+                     "threads of a lent H100's host CPU, which has AVX512-BF16 and AMX "
+                     "(results/gptq_time_cpu_smollm2-135m.md), the W4 row took 99-124 s calibrating in fp32 and "
+                     "77-78 s in bf16, of which the forward passes 45 %, the Hessians' and drift's sums 33 % (the "
+                     "Hessians stay fp32), the column loops 17 % and the fp target's solves 5 %.")
     w3_rows = (f"W3 g{group} GPTQ", f"W3 g{group} GPTQ mse")
     if have(*w3_rows):
         w3_min_max, w3_mse = map(delta, w3_rows)
