@@ -9,8 +9,8 @@ ENGINE_DTYPES = ("fp32", "bf16", "fp16")
 # overflow on large activations and on the drift sums.
 CALIB_DTYPES = ("auto", "fp32", "bf16")
 # One value for the whole model: the method, its calibration set, GPTQ's token weights (one
-# Hessian is shared by the linears that read one input) and calibration dtype, so `modules` may
-# not override them.
+# Hessian is shared by the linears that read one input) and calibration dtype, and SmoothQuant's
+# alpha (its scales fold into the norms those linears share), so `modules` may not override them.
 MODEL_WIDE = ("method", "num_calib_samples", "calib_seq_len", "sink_weight", "calib_dtype", "smooth_alpha")
 # SmoothQuant's migration strength for method "smoothquant" (quant/smoothquant.py). SmolLM2 W8A8, fp32,
 # 4 windows: +1.36 % perplexity at the paper's 0.5, +0.91 % at 0.65, +1.68 % at 0.8.
