@@ -203,8 +203,10 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
     def delta(name: str) -> float:
         return delta_ppl_percent(by_name[name], base)
 
-    found = [f"Decode speeds are single runs: the W4 g{group} rows share one kernel, so their spread is this "
-             "machine's run-to-run noise (see the load average above)."]
+    found = []
+    if sum(r.name.startswith(f"W4 g{group}") for r in rows) > 1:
+        found.append(f"Decode speeds are single runs: the W4 g{group} rows share one kernel, so their spread is "
+                     "this machine's run-to-run noise (see the load average above).")
     w8a16 = ("W8A16 RTN", "W8A16 GPTQ", HEAD_BF16, f"W8A16 g{group} asym RTN")
     rtn, gptq, head_bf16, grouped = (delta(n) if have(n) else float("nan") for n in w8a16)
     if have(*w8a16) and rtn >= 0.3:
