@@ -299,8 +299,9 @@ def serve(
 
 # What `slimserve run` makes of the default model: int8 weights and int8 activations after
 # SmoothQuant, the precision whose compiled engine decodes fastest on the CPU
-# (benchmarks/results/engine_cpu.md), for +0.99 % perplexity over fp32 with this calibration
-# (quant_smollm2.md); it takes about 30 s, once.
+# (benchmarks/results/engine_cpu.md), for +0.94 to +1.08 % perplexity over fp32 with this
+# calibration, by machine (quant_smollm2_w8a8.md, quant_smollm2.md); it takes 23-77 s, once.
+# GPTQ on the smoothed weights (smooth_alpha with method "gptq") reads +0.78 % but takes minutes.
 RUN_QUANT = QuantConfig(method="smoothquant", bits=8, group_size=-1, act_bits=8, num_calib_samples=32,
                         calib_seq_len=512)
 
