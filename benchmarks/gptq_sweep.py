@@ -85,8 +85,9 @@ def main() -> None:
             model.to(torch.bfloat16)
             tie_quantized_embeddings(model)
             few, every = measure(model)
+            resolved = dtype_name(calibration_dtype(calib_dtype, torch.device(args.device)))
             rows.append(f"| {samples} x {seq_len} | {weight:g} | {weight / seq_len:.2%} | {fp_target:g} | "
-                        f"{dtype_name(calibration_dtype(calib_dtype, torch.device(args.device)))} | {few:.4f} | {100 * (few / fp32[0] - 1):+.2f} | {every:.4f} | "
+                        f"{resolved} | {few:.4f} | {100 * (few / fp32[0] - 1):+.2f} | {every:.4f} | "
                         f"{100 * (every / fp32[1] - 1):+.2f} | {seconds:.0f} |")
             print(rows[-1], flush=True)
             del model
