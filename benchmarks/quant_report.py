@@ -238,9 +238,10 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
                      f"RTN {delta('W8A8 SmoothQuant'):+.2f} %, lm_head W8A8 in both. It calibrates in fp32 on every "
                      "machine: on lent H100 and H200 GPUs (results/smoothquant_gptq_gpu_smollm2-135m.md, "
                      "quantized and evaluated on the GPU, all 114 windows, calibration seeds 0 / 1 / 2) "
-                     "SmoothQuant's RTN read +1.20 / +1.44 / +1.23 %, + GPTQ calibrated in fp32 +1.06 / +1.24 / +1.09 %, in bf16 +1.28 / +1.45 / +1.30 % (W8A16 GPTQ showed "
-                     "no such loss: fp32 +0.14 / +0.16 / +0.09 %, bf16 +0.10 / +0.04 / +0.16 %); with GPTQ, alpha "
-                     "0.5 / 0.65 / 0.8 read +1.43 / +1.06 / +1.24 % (seed 0).")
+                     "SmoothQuant's RTN read +1.20 / +1.44 / +1.23 %, + GPTQ calibrated in fp32 +1.06 / +1.24 / "
+                     "+1.09 %, in bf16 +1.28 / +1.45 / +1.30 % (W8A16 GPTQ showed no such loss: fp32 +0.14 / "
+                     "+0.16 / +0.09 %, bf16 +0.10 / +0.04 / +0.16 %); with GPTQ, alpha 0.5 / 0.65 / 0.8 read "
+                     "+1.43 / +1.06 / +1.24 % (seed 0).")
     slow = [r.name for r in rows if r.method != "none" and have("bf16")
             and r.decode_tokens_per_second < by_name["bf16"].decode_tokens_per_second]
     if slow:
