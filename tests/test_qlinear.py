@@ -41,8 +41,9 @@ SCHEMES = {
     (4, 32, True, None): INT4_CPU,
     (4, -1, False, None): INT4_CPU,  # one group per row, as repeated 64-column groups
     (4, 16, False, None): Kernel.REF,  # the kernel's smallest group is 32
-    (3, 64, False, None): Kernel.REF,
-    (2, 32, True, None): Kernel.REF,
+    (3, 64, False, None): INT4_CPU,  # one integer a nibble
+    (2, 32, True, None): INT4_CPU,
+    (3, 16, False, None): Kernel.REF,
     (8, 64, False, None): INT8_GROUPED_CPU,
     (8, 16, False, None): Kernel.REF,  # the kernel's groups are multiples of 32 columns
     (8, -1, True, 8): Kernel.W8A8_CPU,
@@ -152,11 +153,17 @@ def test_operators_are_called_from_compiled_graphs(bits, group_size, act_bits, k
     if cpp_wrapper:
         assert f'aoti_torch_call_dispatcher("slimserve::{name}"' in "".join(code)
 
-def test_dequantized_weight_is_rtn_result():
-    layer = linear()
-    module = QuantLinear.from_linear(layer, QuantConfig(bits=4, group_size=64, sym=False))
-    q, scales, zeros = quantize_weight(layer.weight.detach(), 4, 64, sym=False)
-    torch.testing.assert_close(module.dequantize(), dequantize_weight(q, scales, zeros), rtol=0, atol=0)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits, sym", [(4, False), (3, False), (3, True), (2, True)])
+def test_dequantized_weight_is_rtn_result(bits, sym, dtype, torch_int4):
+    """Whatever the kernel's storage (INT4_CPU raises 3- and 2-bit integers), quantized() gives RTN's."""
+    layer = linear(dtype=dtype)
+    module = QuantLinear.from_linear(layer, QuantConfig(bits=bits, group_size=64, sym=sym))
+    assert module.kernel is (INT4_CPU if dtype == torch.bfloat16 else Kernel.REF)
+    q, scales, zeros = quantize_weight(layer.weight.detach(), bits, 64, sym=sym)
+    assert [torch.equal(a, b) for a, b in zip(module.quantized()[:3], (q, scales.to(dtype), zeros))] == [True] * 3
+    reference = dequantize_weight(q, scales.to(dtype), zeros).to(dtype)
+    torch.testing.assert_close(module.dequantize(), reference, rtol=0, atol=0)
 
 
 def test_keeps_leading_dimensions():
@@ -187,7 +194,8 @@ def test_w8a8_matches_per_token_int8_reference(dtype, batch):
 
 @pytest.mark.parametrize(
     "bits, group_size, sym, out_features",
-    [(8, -1, True, 192), (4, 64, False, 192), (4, -1, True, 80)],  # 80 rows: a 64-row block and a tail
+    # 80 rows: a 64-row block and a tail
+    [(8, -1, True, 192), (4, 64, False, 192), (4, -1, True, 80), (3, 64, False, 192), (2, 32, True, 80)],
 )
 def test_packed_kernel_and_dequantized_gemm_both_match_reference(bits, group_size, sym, out_features, torch_int4):
     layer = linear(out_features=out_features, dtype=torch.bfloat16)
@@ -303,16 +311,18 @@ def test_concat_rejects_mismatched_layers():
     [
         (4, 128, 576 * 1536 // 2 + 12 * 576 * 2 * 2),  # kernel layout + bf16 (scale, float zero) pairs
         (8, -1, 576 * 1536 + 576 * 2),  # int8 weight + one bf16 scale per row
-        (3, 64, 576 * 1536 * 3 // 8 + 576 * 24 * (2 + 1)),  # packed bits + bf16 scales + uint8 zeros
+        (3, 64, 576 * 1536 // 2 + 24 * 576 * 2 * 2),  # one integer a nibble, as 4-bit
     ],
 )
 def test_buffer_bytes_shrink(bits, group_size, expected_bytes, torch_int4):
+    """In memory a 3-bit layer is a 4-bit one (INT4_CPU); its state_dict packs bits per weight."""
     layer = nn.Linear(1536, 576, bias=False, dtype=torch.bfloat16)  # SmolLM2's down_proj
     module = QuantLinear.from_linear(layer, QuantConfig(bits=bits, group_size=group_size, sym=True))
     num_bytes = sum(b.numel() * b.element_size() for b in module.buffers())
-    if module.kernel is not Kernel.REF or bits != 4:
+    if module.kernel is not Kernel.REF:
         assert num_bytes == expected_bytes
-    assert num_bytes / (576 * 1536 * 2) < bits / 16 + 0.03  # bits / 8 bytes per weight, plus scales
+    assert num_bytes / (576 * 1536 * 2) < max(bits, 4) / 16 + 0.04  # a nibble or a byte per weight, plus scales
+    assert module.state_dict()["qweight"].numel() == 576 * 1536 * bits // 8
 
 
 def test_state_dict_is_portable_and_round_trips():

@@ -21,7 +21,9 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
 - INT4_CPU: where W4A16_CPU cannot be built, aten._weight_int4pack_mm_for_cpu on the layout of
   _convert_weight_to_int4pack_for_cpu; 4-bit, out % 16 == 0, groups of 32/64/128/256 (a larger group
   or a whole row is expressed with repeated scales), bf16 activations, AVX2/AVX512 builds. The kernel
-  computes (q - 8) * scale + zero_f per element, so zero_f = (8 - zero) * scale.
+  computes (q - 8) * scale + zero_f per element, so zero_f = (8 - zero) * scale. 3- and 2-bit
+  weights take it too, one integer a nibble, q and zero raised by 8 - 2^(bits-1): a symmetric zero
+  becomes 8 and zero_f 0, exact as at 4 bits (6 * scale, say, would round to bf16).
 - W8A8_CPU: weights as INT8_CPU, activations quantized per token to int8 at run time and offset by
   128 to uint8, products summed exactly in int32: kernels/w8a8.cpp on the weight in VNNI order where
   it builds (AVX512-VNNI, a C++ compiler, out % 16 == 0), else oneDNN's u8 x s8 GEMM on its prepacked
@@ -39,8 +41,8 @@ buffers' device, the compute dtype (the scales' dtype) and the scheme, never at 
   builds (AVX512-VNNI, a C++ compiler, torch 2.13+; out % 16 == 0, groups of a multiple of 16
   columns): 1.3x INT4_CPU's speed at 1 row, 2-3x at 8 to 128 (figures in kernels/w4a8.py).
 - W4A8_REF: the same arithmetic in plain torch (kernels.w4a8.w4a8_reference; any device).
-- REF: dequantize, then F.linear: 3/2-bit, grouped or asymmetric 8-bit where the C++ kernels cannot
-  be built, odd groups, fp32/fp16 activations, every non-CPU device (CUDA for now).
+- REF: dequantize, then F.linear: grouped or asymmetric 8-bit where the C++ kernels cannot be built,
+  groups neither packed kernel takes, fp32/fp16 activations, every non-CPU device (CUDA for now).
 
 INT8_CPU and INT4_CPU run their packed kernel up to PACKED_CPU_MAX_ROWS rows
 (decode; W8A16_MAX_ROWS for INT8_CPU's w8a16.cpp); one row of INT8_CPU inside a compiled graph runs
@@ -278,8 +280,8 @@ class QuantLinear(nn.Module):
         self.qweight, self.scales, self.zeros, self.scales_and_zeros = None, None, None, None
         self.onednn, self.vnni, self.nibbles, self.uses_w8a16 = None, None, None, False
         if self.kernel is Kernel.INT4_CPU:
-            self.qweight = pack_int4_cpu(q)
-            self.scales_and_zeros = self._int4_scales_and_zeros(scales, zeros)
+            self.qweight = pack_int4_cpu(q + self.nibble_offset)
+            self.scales_and_zeros = self._int4_scales_and_zeros(scales, zeros + self.nibble_offset)
         elif self.kernel in (Kernel.W4A8_CPU, Kernel.W4A16_CPU):
             every_row = (self.out_features, self.num_groups)
             self.nibbles = w4a8.pack(q, scales.expand(every_row), zeros.expand(every_row))
@@ -340,13 +342,18 @@ class QuantLinear(nn.Module):
             return Kernel.W4A16_CPU
         if (
             packed_cpu
-            and self.bits == 4
+            and self.bits <= 4
             and self.out_features % 16 == 0
             and int4_cpu_group_size(self.group_size, self.in_features) is not None
             and int4_cpu_layout_known()
         ):
             return Kernel.INT4_CPU
         return Kernel.REF
+
+    @property
+    def nibble_offset(self) -> int:
+        """What INT4_CPU adds to a 3- or 2-bit layer's integers and zeros (see the module's docstring)."""
+        return 8 - 2 ** (self.bits - 1)
 
     def _int4_scales_and_zeros(self, scales: Tensor, zeros: Tensor) -> Tensor:
         """(in / kernel_group, out, 2): each kernel group's scale and float zero (8 - zero) * scale."""
@@ -359,12 +366,13 @@ class QuantLinear(nn.Module):
     def quantized(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """The portable form: (q (out, in) uint8, scales, zeros uint8, g_idx int32 or None)."""
         if self.kernel is Kernel.INT4_CPU:
-            q = unpack_int4_cpu(self.qweight, self.out_features, self.in_features)
+            q = unpack_int4_cpu(self.qweight, self.out_features, self.in_features) - self.nibble_offset
             step = self.scales_and_zeros.shape[0] // self.num_groups
             pairs = self.scales_and_zeros[::step, : self.scale_rows].float().transpose(0, 1)
             s, zero_f = pairs[..., 0], pairs[..., 1]
-            # exact: (8 - zero) * s has at most 12 significant bits before rounding to dtype
-            zeros = torch.where(s == 0, 8.0, torch.round(8 - zero_f / s)).to(torch.uint8)
+            # exact: (8 - zero) * s has at most 12 significant bits before rounding to dtype; a zero
+            # scale loses the zero point, read back as the symmetric one
+            zeros = (torch.where(s == 0, 8.0, torch.round(8 - zero_f / s)) - self.nibble_offset).to(torch.uint8)
             scales = s.to(self.dtype)
         elif self.kernel in (Kernel.W4A8_CPU, Kernel.W4A16_CPU):
             q, scales, zeros = w4a8.unpack(*self.nibbles)
