@@ -12,7 +12,7 @@ from slimserve.quant.qlinear import W8A16_MAX_ROWS, Kernel, QuantLinear
 from slimserve.quant.rtn import dequantize_weight
 from test_w4a16 import act_ordered  # a layer with a random act-order g_idx
 
-needs_kernel = pytest.mark.skipif(not w8a16.available(), reason="no AVX512-BF16 CPU or no C++ compiler here")
+needs_kernel = pytest.mark.skipif(not w8a16.available(), reason="no AVX512 CPU or no C++ compiler here")
 
 
 def operands(rows, out_features, in_features, seed=0):

@@ -33,13 +33,14 @@ STABLE_API_VERSION = 0x020A000000000000  # torch 2.10, the first whose stable C+
 OPERATORS_MIN_TORCH = "2.13"
 
 
-def cpu_flags() -> set[str]:
+@cache
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as /proc/cpuinfo names them (empty where there is none)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+        return frozenset()
+    return next((frozenset(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), frozenset())
 
 
 def _build(source: str, flags: tuple[str, ...], needs: frozenset[str], libraries: tuple[str, ...] = (),

@@ -1,6 +1,7 @@
 // y (M, N) = x (M, K) @ w (N, K)ᵀ * scale (N): bf16 activations, int8 weights (W8A16), for the few
-// rows of a decode step; AVX512-BF16, OpenMP. Built and registered by w8a16.py as the torch operator
-// slimserve::w8a16_matmul (torch's stable C++ API), so compiled graphs call it without Python.
+// rows of a decode step; AVX512 (its BF16 dot products where the CPU has them), OpenMP. Built and
+// registered by w8a16.py as the torch operator slimserve::w8a16_matmul (torch's stable C++ API), so
+// compiled graphs call it without Python.
 // With zero points, groups: y = x @ (scale (N, G) * (w + 128 - zero (N, G)))ᵀ per group of K / G
 // columns, the weight rounded to bf16 as torch rounds the dequantized weight (exact before rounding);
 // past GEMM_ROWS rows (a prefill) that weight is dequantized here and multiplied by torch's matmul.
@@ -10,7 +11,9 @@
 // activation rows by vdpbf16ps, which sums pairs of bf16 products into fp32. The weight is read
 // from memory once whatever the row count; more than 8 rows take the block again in chunks of 8,
 // from cache. Software prefetch runs PREFETCH_BYTES ahead of the block: the hardware prefetcher
-// alone streamed 13 GB/s on two Zen 4 cores, 33 with it.
+// alone streamed 13 GB/s on two Zen 4 cores, 33 with it. Built without AVX512-BF16 (the -mavx512bf16
+// flag), the same bf16 values are held as fp32 lanes and multiplied by two FMAs per 32 weights:
+// products exact in fp32 as vdpbf16ps's, sums in another order.
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -39,20 +42,62 @@ constexpr int MAX_CHUNK = 8;  // activation rows per pass: MAX_CHUNK x R accumul
 // with the dot products, 21 / 31 / 49 in the GEMM alone, and dequantizing them takes 16.
 constexpr int64_t GEMM_ROWS = 48;
 
+#ifdef __AVX512BF16__
+using Wide = __m512bh;  // 32 bf16 weights
+
+// lo and hi, 16 fp32 each, as 32 bf16 in order, rounded to nearest even.
+inline Wide pack(__m512 lo, __m512 hi) { return _mm512_cvtne2ps_pbh(hi, lo); }
+
+// acc + the products of 32 bf16 activations at x with w, summed in pairs into 16 fp32 lanes.
+inline __m512 dot(__m512 acc, const uint16_t* x, Wide w) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x), w);
+}
+
+inline void store(uint16_t* out, Wide w) { _mm512_storeu_si512(out, (__m512i)w); }
+#else
+struct Wide {  // 32 bf16 weights as fp32 lanes: the first 16, the last 16
+  __m512 lo, hi;
+};
+
+// v rounded to bf16's precision (to nearest even, as rows.h's to_bf16), kept in fp32 lanes.
+inline __m512 round_bf16(__m512 v) {
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32((int)0xFFFF0000)));
+}
+
+inline Wide pack(__m512 lo, __m512 hi) { return {round_bf16(lo), round_bf16(hi)}; }
+
+inline __m512 dot(__m512 acc, const uint16_t* x, Wide w) {
+  acc = _mm512_fmadd_ps(slimserve::widen(x, 0xFFFF), w.lo, acc);
+  return _mm512_fmadd_ps(slimserve::widen(x + 16, 0xFFFF), w.hi, acc);
+}
+
+inline void store(uint16_t* out, Wide w) {
+  _mm256_storeu_si256((__m256i*)out, slimserve::to_bf16(w.lo));
+  _mm256_storeu_si256((__m256i*)(out + 16), slimserve::to_bf16(w.hi));
+}
+#endif
+
 // 32 int8 weights -> 32 bf16, in order.
-inline __m512bh widen(const int8_t* p) {
+inline Wide widen(const int8_t* p) {
   __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
   __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
-  return _mm512_cvtne2ps_pbh(hi, lo);
+#ifdef __AVX512BF16__
+  return pack(lo, hi);
+#else
+  return {lo, hi};  // exact: an int8 has at most 8 significant bits
+#endif
 }
 
 // 32 int8 weights w -> 32 bf16 of w * scale + offset, in order. With offset = -scale * (zero - 128)
 // each lane is scale * (w + 128 - zero) exactly in fp32 (17 significant bits at most) before the
 // one rounding to bf16.
-inline __m512bh widen(const int8_t* p, __m512 scale, __m512 offset) {
+inline Wide widen(const int8_t* p, __m512 scale, __m512 offset) {
   __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
   __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
-  return _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, scale, offset), _mm512_fmadd_ps(lo, scale, offset));
+  return pack(_mm512_fmadd_ps(lo, scale, offset), _mm512_fmadd_ps(hi, scale, offset));
 }
 
 struct Args {
@@ -85,17 +130,15 @@ void block(const Args& a, int64_t m0, int64_t n) {
         const int8_t* p = w + PREFETCH_BYTES + k * R + j * 64;
         if (p < end) _mm_prefetch((const char*)p, _MM_HINT_T0);
       }
-      __m512bh wv[R];
+      Wide wv[R];
       for (int r = 0; r < R; ++r) {
         if constexpr (Grouped)
           wv[r] = widen(w + r * a.K + k, scale[r], offset[r]);
         else
           wv[r] = widen(w + r * a.K + k);
       }
-      for (int m = 0; m < M; ++m) {
-        __m512bh xv = (__m512bh)_mm512_loadu_si512(a.x + (m0 + m) * a.K + k);
-        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
-      }
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) acc[m][r] = dot(acc[m][r], a.x + (m0 + m) * a.K + k, wv[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -135,7 +178,7 @@ void dequantize(const Args& a, uint16_t* out, int threads) {
       const float s = bf16_to_float(a.scale[n * a.G + g]);
       const __m512 scale = _mm512_set1_ps(s), offset = _mm512_set1_ps(-s * (float)(a.zero[n * a.G + g] - 128));
       for (int64_t k = g * group; k < (g + 1) * group; k += 32)
-        _mm512_storeu_si512(out + n * a.K + k, (__m512i)widen(a.w + n * a.K + k, scale, offset));
+        store(out + n * a.K + k, widen(a.w + n * a.K + k, scale, offset));
     }
 }
 

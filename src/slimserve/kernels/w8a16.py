@@ -3,7 +3,8 @@
 torch's own kernel for this (aten._weight_int8pack_mm) converts and multiplies one fp32 lane at a
 time and takes blocks of 4 rows per thread, so at 8 rows each thread reads the whole weight. w8a16.cpp
 widens each int8 weight to bf16 once and multiplies it with up to 8 rows by AVX512-BF16 dot products,
-prefetching the weight. SmolLM2-135M's 121 layers on 2 Zen 4 cores (benchmarks/results/
+prefetching the weight; on AVX512 CPUs without BF16 it is built to multiply the same bf16 values as
+fp32 lanes by FMAs. SmolLM2-135M's 121 layers on 2 Zen 4 cores (benchmarks/results/
 quant_kernels_cpu.md): 4.4 ms at 1 row and 5.5 at 8, where torch's int8 kernel takes 5.3 and 9.6
 and oneDNN's bf16 GEMM 8.7 and 10.1; engine figures in benchmarks/results/quant_speed_cpu.md.
 
@@ -13,7 +14,7 @@ to bf16 as they are widened, scale * (q - zero), rounded as torch rounds the deq
 
 The operator slimserve::w8a16_matmul is registered from C++ through torch's stable API, so a compiled
 graph's C++ wrapper calls it without Python. Built on first use by kernels/native.py; where it cannot
-be (no AVX512-BF16, no compiler, torch before 2.13), `available()` is False and callers keep torch's
+be (no AVX512, no compiler, torch before 2.13), `available()` is False and callers keep torch's
 kernel (grouped layers: the reference path). w8a16_reference is the torch oracle.
 """
 
@@ -30,7 +31,9 @@ native.define_operator("w8a16_matmul(Tensor x, Tensor w, Tensor scale, Tensor? z
 
 
 def available() -> bool:
-    return native.load_operators("w8a16.cpp", ("-mavx512bf16",), frozenset({"avx512_bf16"}))
+    if "avx512_bf16" in native.cpu_flags():
+        return native.load_operators("w8a16.cpp", ("-mavx512bf16",), frozenset({"avx512_bf16"}))
+    return native.load_operators("w8a16.cpp", (), frozenset())
 
 
 def takes(weight: Tensor, scales: Tensor) -> bool:

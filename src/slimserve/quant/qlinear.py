@@ -4,7 +4,7 @@ The kernel is chosen once, when the integers are set (from_linear, load_state_di
 buffers' device, the compute dtype (the scales' dtype) and the scheme, never at call time:
 
 - INT8_CPU: int8 weight (out, in) times one scale per output channel; symmetric 8-bit, per channel
-  or per tensor, bf16 activations. kernels/w8a16.cpp where it builds (AVX512-BF16, a C++ compiler,
+  or per tensor, bf16 activations. kernels/w8a16.cpp where it builds (AVX512, a C++ compiler,
   torch 2.13+), else aten._weight_int8pack_mm.
 - INT8_GROUPED_CPU: 8-bit weights in groups or with zero points (asymmetric 8-bit, or groups of
   symmetric ones like llama.cpp's Q8_0), bf16 activations: kernels/w8a16.cpp, which dequantizes each
