@@ -5,25 +5,29 @@ half-hour report, this in minutes. Each run quantizes the fp32 model as the repo
 (32 x 512 calibration tokens by default) and splits the time into the Hessians' and the drift's sums
 (GPTQ.add_batch), the fp target's solves (GPTQ.target_weight), the column loops with their Cholesky
 factorizations (gptq_quantize_weight), and the rest: the calibration forward passes, both streams.
-Writes benchmarks/results/gptq_time_cpu_<model>.md.
+The column steps run in kernels/gptq.cpp and, side by side in the same rounds, in the torch loop it
+replaced (kernels.gptq.gptq_columns_reference). Writes benchmarks/results/gptq_time_cpu_<model>.md.
 
     python benchmarks/gptq_time_cpu.py [--model smollm2-135m] [--calib 32x512] [--calib-dtypes fp32,bf16]
-        [--repeat 2] [--threads 2]
+        [--column-steps kernel,torch] [--repeat 2] [--threads 2]
 """
 
 import argparse
 import copy
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from slimserve.assets import resolve_model
 from slimserve.config import QuantConfig
 from slimserve.eval.machine import machine_info
+from slimserve.kernels.gptq import gptq_columns_reference
 from slimserve.models.loader import load_config, load_model, load_tokenizer
 from slimserve.quant import gptq
 from slimserve.quant.calibrate import calibration_batches
@@ -47,11 +51,8 @@ def timed(owner: object, name: str, totals: dict[str, float], part: str) -> Iter
         finally:
             totals[part] += time.perf_counter() - start
 
-    setattr(owner, name, wrapper)
-    try:
+    with mock.patch.object(owner, name, wrapper):
         yield
-    finally:
-        setattr(owner, name, original)
 
 
 def main() -> None:
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--calib", default="32x512", help="samples x tokens")
     parser.add_argument("--calib-dtypes", default="fp32,bf16")
+    parser.add_argument("--column-steps", default="kernel,torch", help="kernel (gptq.cpp) and/or torch (its reference)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -74,17 +76,19 @@ def main() -> None:
     for calib_dtype in args.calib_dtypes.split(","):
         config = QuantConfig(method="gptq", bits=4, act_order=True, calib_dtype=calib_dtype, num_calib_samples=samples,
                              calib_seq_len=seq_len, **scheme)
-        for run in range(args.repeat):
+        for run, steps in itertools.product(range(args.repeat), args.column_steps.split(",")):
             model = copy.deepcopy(base)
             totals: dict[str, float] = defaultdict(float)
             with ExitStack() as stack:
                 for part, (owner, name) in PARTS.items():
                     stack.enter_context(timed(owner, name, totals, part))
+                if steps == "torch":
+                    stack.enter_context(mock.patch.object(gptq, "gptq_columns", gptq_columns_reference))
                 start = time.perf_counter()
                 gptq.gptq_quantize(model, calib, config)
                 total = time.perf_counter() - start
             parts = [totals[part] for part in PARTS]
-            rows.append(f"| {calib_dtype} | {run + 1} | {total:.1f} | "
+            rows.append(f"| {calib_dtype} | {steps} | {run + 1} | {total:.1f} | "
                         + " | ".join(f"{t:.1f} ({t / total:.0%})" for t in [*parts, total - sum(parts)]) + " |")
             print(rows[-1], flush=True)
             del model
@@ -99,10 +103,12 @@ def main() -> None:
         "tokens of `sotu-calib`, from the fp32 model; seconds of calibration and quantization, without loading or "
         "saving. Parts: the Hessians' and the drift's sums (GPTQ.add_batch), the fp target's solves "
         "(GPTQ.target_weight), the column loops with their Cholesky factorizations (gptq_quantize_weight), and the "
-        "rest, mostly the calibration forward passes of the quantized and the float stream.",
+        "rest, mostly the calibration forward passes of the quantized and the float stream. Column steps: "
+        "kernels/gptq.cpp (kernel) or the torch loop it replaced (torch), side by side in each round.",
         "",
-        "| calibration dtype | run | total s | " + " | ".join(PARTS) + " | forward passes and the rest |",
-        "|---|---|---|" + "---|" * (len(PARTS) + 1),
+        "| calibration dtype | column steps | run | total s | " + " | ".join(PARTS)
+        + " | forward passes and the rest |",
+        "|---|---|---|---|" + "---|" * (len(PARTS) + 1),
         *rows,
         "",
     ])

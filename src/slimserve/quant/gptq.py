@@ -52,11 +52,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from slimserve.config import QuantConfig
+from slimserve.kernels.gptq import gptq_columns
 from slimserve.models.attention import AttentionMetadata
 from slimserve.models.llama import LlamaForCausalLM
 from slimserve.models.loader import torch_dtype
 from slimserve.quant.qlinear import QuantLinear
-from slimserve.quant.rtn import check_bits, check_finite, check_group_size, compute_scales, quantize_to_grid
+from slimserve.quant.rtn import check_bits, check_finite, check_group_size, compute_scales
 
 
 # x xᵀ is symmetric, so the Hessian sums only the blocks on and above the diagonal of a k x k
@@ -187,8 +188,7 @@ def gptq_quantize_weight(
         W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_hessian_factor(H, damp_percent)
 
-    # Transposed, so column j of W is the contiguous row WT[j] and each step is a few in-place
-    # vector ops: the column loop is bound by per-op overhead, not arithmetic.
+    # Transposed, so column j of W is the contiguous row WT[j]; kernels.gptq runs the column steps.
     WT = W.t().contiguous()
     QT = torch.empty_like(WT)
     found: list[tuple[Tensor, Tensor]] = []  # per group in quantization order
@@ -199,21 +199,23 @@ def gptq_quantize_weight(
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = Hinv1.diagonal()
         # err_i = delta_i / d_i spreads as err_i · Hinv1[i, i:], i.e. delta_i · (Hinv1[i] / d_i).
-        spread = Hinv1 / d[:, None]
+        spread = (Hinv1 / d[:, None]).contiguous()  # Hinv is column-major (a LAPACK factor)
         delta = torch.empty(i2 - i1, out_features, device=W.device)
-        for i in range(i2 - i1):
-            col = i1 + i
+        col = i1
+        while col < i2:  # runs of columns sharing their scales
+            end = i2
             if group_size > 0 and static_groups:
                 scales, zeros = fixed[group_of[col]]
-            elif group_size > 0 and col % group_size == 0:
-                # This block's columns are up to date in WT; later blocks lack its lazy update.
-                scales, zeros = compute_scales(WT[col : col + group_size].t(), bits, sym, mse)
-                found.append((scales, zeros))
-            s, z = scales[:, 0], zeros[:, 0]
-            w, q, err = WT[col], QT[col], delta[i]
-            quantize_to_grid(w, s, z, bits, out=q)
-            torch.addcmul(w, torch.sub(q, z, out=err), s, value=-1, out=err)  # w - dequantized
-            WT[col + 1 : i2].addr_(spread[i, i + 1 :], err, alpha=-1)
+                end = next((c for c in range(col + 1, i2) if group_of[c] != group_of[col]), i2)
+            elif group_size > 0:
+                if col % group_size == 0:
+                    # This block's columns are up to date in WT; later blocks lack its lazy update.
+                    scales, zeros = compute_scales(WT[col : col + group_size].t(), bits, sym, mse)
+                    found.append((scales, zeros))
+                end = min(i2, (col // group_size + 1) * group_size)
+            s, z = (t[:, 0].expand(out_features).contiguous() for t in (scales, zeros))
+            gptq_columns(WT, QT, delta, spread, s, z, bits, i1, col, end, i2)
+            col = end
         WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), delta.div_(d[:, None]), alpha=-1)
 
     groups = fixed if group_size <= 0 or static_groups else found
