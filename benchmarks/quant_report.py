@@ -266,10 +266,12 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
                      "doubles the forward passes (the float model runs beside the quantized one) and adds one "
                      "x_fp xᵀ product per token: SmolLM2's W4 GPTQ at 32 x 512 took 36 s without it and 76 s with "
                      "it (one-off, 2 threads of the AMD EPYC). benchmarks/gptq_time_cpu.py times the parts: on 2 "
-                     "threads of a lent H100's host CPU, which has AVX512-BF16 and AMX "
-                     "(results/gptq_time_cpu_smollm2-135m.md), the W4 row took 99-124 s calibrating in fp32 and "
-                     "77-78 s in bf16, of which the forward passes 45 %, the Hessians' and drift's sums 33 % (the "
-                     "Hessians stay fp32), the column loops 17 % and the fp target's solves 5 %.")
+                     "threads of a lent H200's host CPU, which has AVX512-BF16 and AMX "
+                     "(results/gptq_time_cpu_smollm2-135m.md), the W4 row took 49-53 s calibrating in bf16, under "
+                     "60 s, and 73 s in fp32; in bf16 the forward passes 45 %, the Hessians' and drift's sums 36 % "
+                     "(the Hessians stay fp32), the column loops in C++ (kernels/gptq.cpp) 12 % (16 % in the torch "
+                     "loop it replaced, 49-54 s in all) and the fp target's solves 6 %. A lent H100's host, a CPU of "
+                     "the same description, had read 77-78 s in bf16 with the torch loop: hosts differ by half.")
     w3_rows = (f"W3 g{group} GPTQ", f"W3 g{group} GPTQ mse")
     if have(*w3_rows):
         w3_min_max, w3_mse = map(delta, w3_rows)
