@@ -1,8 +1,7 @@
 // GPTQ's column steps inside one block of columns, for quant/gptq.py (loaded with ctypes by
 // kernels/gptq.py). Each step is a few vector operations over the weight's output rows, so in
-// torch the loop is bound by per-operation overhead (SmolLM2-135M's 120 linears: ~15 s of calls
-// for a fraction of a second of arithmetic, 2 threads). Rows are independent in GPTQ, so each
-// thread takes a range of rows through every column of the run without synchronizing.
+// torch the loop is bound by per-operation overhead. Rows are independent in GPTQ, so each thread
+// takes a range of rows through every column of the run without synchronizing.
 //
 // wt (in, out) holds the weight transposed, so column `col` is the contiguous row wt[col]. For the
 // columns c0 <= col < c1 of the block [i1, i2), which share one scale and zero point per row:
