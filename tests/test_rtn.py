@@ -137,7 +137,7 @@ def test_group_size_not_dividing_in_features_names_both():
         quantize_weight(weight(), 4, 100, sym=True)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_weights_rejected(bad):
     w = weight()
     w[2, 3] = bad
