@@ -9,6 +9,7 @@ from slimserve.config import QuantConfig
 from slimserve.models.attention import AttentionMetadata
 from slimserve.models.llama import LlamaArgs, LlamaForCausalLM
 from slimserve.models.loader import torch_dtype
+from slimserve.quant import gptq as gptq_module
 from slimserve.quant.gptq import (
     GATE_UP,
     GPTQ,
@@ -17,6 +18,7 @@ from slimserve.quant.gptq import (
     embed_calibration,
     gptq_quantize,
     gptq_quantize_weight,
+    gptq_columns as columns,
     layer_stages,
 )
 from slimserve.quant.qlinear import QuantLinear
@@ -301,6 +303,35 @@ def test_stacked_linears_quantize_as_each_alone():
     assert (stacked[0] != q_alone).float().mean() < 1e-3  # only float summation order may differ
     torch.testing.assert_close(stacked[1], torch.cat([s for _, s, _, _ in alone]))
     assert all(torch.equal(stacked[3], g_idx) for *_, g_idx in alone)
+
+
+@pytest.mark.parametrize("group_size, act_order, static_groups", [
+    (32, True, False), (32, True, True), (-1, False, False), (0, True, False), (96, False, False),
+])
+def test_row_blocks_quantize_as_the_whole_weight(monkeypatch, group_size, act_order, static_groups):
+    """A large weight goes through GPTQ (and its fp target) a block of rows at a time: GPTQ's result is
+    the whole weight's bit for bit, the target to float rounding (its products' summation order may
+    change with their width); per tensor, whose one scale spans every row, stays whole."""
+    x = correlated_inputs(512, 192, seed=11)
+    layer = nn.Linear(192, 50, bias=False)
+    gptq = GPTQ(layer, drift=True)
+    gptq.add_batch(x, fp_inp=x + 0.1 * correlated_inputs(512, 192, seed=12))
+    args = (4, group_size, False, act_order, static_groups)
+    whole_target = gptq.target_weight(layer.weight, 0.5, 0.01)
+    whole = gptq_quantize_weight(whole_target, gptq.hessian, *args)
+    monkeypatch.setattr(gptq_module, "ROW_BLOCK_ELEMENTS", 192 * 7)  # 8 blocks, the last of 1 row
+    block_rows = []
+
+    def counted_columns(WT, *rest):
+        block_rows.append(WT.shape[1])
+        columns(WT, *rest)
+
+    monkeypatch.setattr(gptq_module, "gptq_columns", counted_columns)
+    torch.testing.assert_close(gptq.target_weight(layer.weight, 0.5, 0.01), whole_target, rtol=1e-5, atol=1e-6)
+    blocks = gptq_quantize_weight(whole_target, gptq.hessian, *args)
+    assert set(block_rows) == ({50} if group_size == 0 else {7, 1})
+    for got, expected in zip(blocks, whole, strict=True):
+        assert torch.equal(got, expected)
 
 
 def test_layer_stages_reproduce_the_decoder_layer():
