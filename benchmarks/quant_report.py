@@ -271,7 +271,10 @@ def notes(rows: list[QuantRow], group: int, facts: ModelFacts) -> list[str]:
                      "60 s, and 73 s in fp32; in bf16 the forward passes 45 %, the Hessians' and drift's sums 36 % "
                      "(the Hessians stay fp32), the column loops in C++ (kernels/gptq.cpp) 12 % (16 % in the torch "
                      "loop it replaced, 49-54 s in all) and the fp target's solves 6 %. A lent H100's host, a CPU of "
-                     "the same description, had read 77-78 s in bf16 with the torch loop: hosts differ by half.")
+                     "the same description, had read 77-78 s in bf16 with the torch loop: hosts differ by half. On a "
+                     "2-core Xeon without bf16 units (results/gptq_time_cpu_smollm2-135m_no_bf16.md) it took 87-100 s "
+                     "in fp32 and peaked at 1.8 GB, 0.66-0.72 GB above the loaded fp32 model: GPTQ's own working set, "
+                     "one layer's calibration activations in both streams and its Hessians.")
     w3_rows = (f"W3 g{group} GPTQ", f"W3 g{group} GPTQ mse")
     if have(*w3_rows):
         w3_min_max, w3_mse = map(delta, w3_rows)

@@ -3,8 +3,8 @@
 quant/gptq.py quantizes a block of columns one column at a time, each step a few vector operations
 over the weight's output rows: in torch about ten operator calls a column, whose overhead outweighs
 their arithmetic. gptq.cpp runs a whole run of columns sharing their scales in one call, each thread
-through its own range of rows: SmolLM2-135M's W4 GPTQ spent 7.4-8.6 s in its column loops (Cholesky
-factorizations included) against 12.7-13.9 s in torch on a 2-core Xeon, 5.6-6.3 against 8.0-8.5 s
+through its own range of rows: SmolLM2-135M's W4 GPTQ spent 6.9-7.9 s in its column loops (Cholesky
+factorizations included) against 11.5-12.4 s in torch on a 2-core Xeon, 5.6-6.3 against 8.0-8.5 s
 on 2 threads of a lent H200's host (benchmarks/results/gptq_time_cpu_smollm2-135m*.md). Built on
 first use by kernels/native.py; where it cannot be (no AVX512, no compiler) or the tensors are not
 on the CPU, the reference runs.
