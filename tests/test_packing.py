@@ -117,7 +117,7 @@ def test_other_word_dtypes_rejected():
 @pytest.mark.parametrize("out_features", [16, 48, 64, 80, 112, 1536])
 def test_int4_cpu_layout_round_trip(out_features):
     q = torch.randint(0, 16, (out_features, 96), generator=torch.Generator().manual_seed(out_features))
-    packed = pack_int4_cpu(q)  # asserts the decode itself; check shape and the decode again here
+    packed = pack_int4_cpu(q)
     assert packed.shape == (out_features, 48) and packed.dtype == torch.uint8
     assert torch.equal(unpack_int4_cpu(packed, out_features, 96), q.to(torch.uint8))
 
@@ -126,11 +126,12 @@ def test_int4_cpu_layout_round_trip_on_avx2_build():
     # AVX2 machines pack 32-row blocks, not AVX512's 64; torch picks its kernels from this variable.
     code = (
         "import torch\n"
-        "from slimserve.quant.packing import pack_int4_cpu, int4_cpu_layout_known\n"
+        "from slimserve.quant.packing import int4_cpu_layout_known, pack_int4_cpu, unpack_int4_cpu\n"
         "if torch.backends.cpu.get_cpu_capability() != 'AVX2': raise SystemExit('not avx2')\n"
         "assert int4_cpu_layout_known()\n"
         "for n in (16, 32, 48, 80, 96):\n"
-        "    pack_int4_cpu(torch.randint(0, 16, (n, 64)))\n"
+        "    q = torch.randint(0, 16, (n, 64), dtype=torch.uint8)\n"
+        "    assert torch.equal(unpack_int4_cpu(pack_int4_cpu(q), n, 64), q)\n"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
