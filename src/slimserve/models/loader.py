@@ -7,6 +7,7 @@ that lists them and names the files. A folder whose config.json has a `quantizat
 (ours, GPTQ v1, AWQ GEMM: quant/formats.py) gets QuantLinear modules before its tensors load.
 """
 
+import ctypes
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,7 +177,18 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: str
         load_quantized_weights(model, path, config["quantization_config"], dtype, device)
     else:
         load_weights(model, path, dtype, device)
+    release_freed_memory()
     return model.eval()
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS: glibc keeps what a load frees (the checkpoint's
+    tensors, each layer's packing temporaries) as process memory; elsewhere this does nothing. Loaded
+    on the 2-core Xeon, Qwen2.5-Coder-0.5B's 3-bit folder held 1.1-2.1 GB across runs, 1.0 GB after it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
