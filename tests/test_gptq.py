@@ -157,10 +157,11 @@ def test_weighted_rows_count_as_repeated_rows():
 
 
 @pytest.mark.parametrize("fp_target, dtype", [(1.0, torch.float32), (0.25, torch.float32), (0.5, torch.bfloat16)])
-def test_target_weight_fits_float_outputs_from_quantized_inputs(fp_target, dtype):
+@pytest.mark.parametrize("drift_times_weight", [False, True])
+def test_target_weight_fits_float_outputs_from_quantized_inputs(fp_target, dtype, drift_times_weight):
     """The least-squares fit of the float outputs W x_fp from the drifted inputs x, solved here by
     lstsq on the weighted, damped system, taken fp_target of the way from W; bf16 inputs (their
-    drift summed in bf16 products) to bf16's precision."""
+    drift summed in bf16 products) to bf16's precision; the drift summed alone or times W."""
     torch.manual_seed(0)
     layer = nn.Linear(37, 8, bias=False)
     x_fp = correlated_inputs(200, 37, seed=9)
@@ -168,7 +169,7 @@ def test_target_weight_fits_float_outputs_from_quantized_inputs(fp_target, dtype
     x_fp, x = x_fp.to(dtype), x.to(dtype)
     weights = torch.ones(200)
     weights[[0, 50]] = 16.0
-    gptq = GPTQ(layer, drift=True)
+    gptq = GPTQ(layer, drift=True, drift_weight=layer.weight if drift_times_weight else None)
     gptq.add_batch(x[:120], weights[:120], x_fp[:120])
     gptq.add_batch(x[120:], weights[120:], x_fp[120:])
     x_fp, x = x_fp.float(), x.float()
@@ -181,6 +182,9 @@ def test_target_weight_fits_float_outputs_from_quantized_inputs(fp_target, dtype
     tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=2e-3 * W.abs().max())
     torch.testing.assert_close(gptq.target_weight(W, fp_target, 0.01), W + fp_target * (fit - W), **tolerance)
     assert (fit - W).norm() > 0.05 * W.norm()  # the drift moves the target
+    if drift_times_weight:
+        with pytest.raises(ValueError, match=r"summed for a weight of shape \(8, 37\), got \(4, 37\)"):
+            gptq.target_weight(W[:4], fp_target, 0.01)
 
 
 def test_target_weight_is_the_weight_without_drift():

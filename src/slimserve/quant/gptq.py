@@ -69,14 +69,20 @@ HESSIAN_BLOCKS = 8
 class GPTQ:
     """Accumulates the Hessian of one nn.Linear from its inputs, then quantizes its weight."""
 
-    def __init__(self, layer: nn.Linear, drift: bool = False) -> None:
-        """drift: also sum how far the inputs drifted from the float model's (for an fp target)."""
+    def __init__(self, layer: nn.Linear, drift: bool = False, drift_weight: Tensor | None = None) -> None:
+        """drift: also sum how far the inputs drifted from the float model's (for an fp target).
+        drift_weight (rows, in_features): the weight target_weight will be given, where known now; the
+        sums then hold its product with the drift, which costs 2 rows x in_features a token against the
+        drift's own in_features², so it pays where 2 rows < in_features (down_proj)."""
         self.layer = layer
         self.num_samples = 0.0  # the samples' summed weight
         in_features = layer.in_features
         self._upper = torch.zeros(in_features, in_features, device=layer.weight.device)  # blocks below stay 0
-        # With drift: the running mean of 2 (x_fp - x) xᵀ, x_fp the float model's input for x's token.
-        self._drift = torch.zeros_like(self._upper) if drift else None
+        # With drift: the running mean of 2 (x_fp - x) xᵀ, x_fp the float model's input for x's token,
+        # or with drift_weight W, of 2 W (x_fp - x) xᵀ.
+        self._drift_weight = drift_weight.detach() if drift and drift_weight is not None else None
+        rows = in_features if self._drift_weight is None else self._drift_weight.shape[0]
+        self._drift = torch.zeros(rows, in_features, device=layer.weight.device) if drift else None
 
     def add_batch(self, inp: Tensor, weights: Tensor | None = None, fp_inp: Tensor | None = None) -> None:
         """inp (..., in_features): every row is one sample (token), counted weights[row] times (default once).
@@ -97,7 +103,11 @@ class GPTQ:
             drift = fp_inp.reshape(-1, in_features).float() * (1 if scale is None else scale) - x
             # The drift only nudges the target (target_weight), so its product may run in the inputs'
             # own dtype (bf16 at 4x fp32's speed on CPUs with bf16 units); H, which GPTQ inverts, stays fp32.
-            product = drift.t().to(inp.dtype) @ x.to(inp.dtype)
+            drift, x_low = drift.to(inp.dtype), x.to(inp.dtype)
+            if self._drift_weight is None:
+                product = drift.t() @ x_low
+            else:
+                product = (drift @ self._drift_weight.t().to(inp.dtype)).t() @ x_low
             self._drift.mul_(self.num_samples / total).add_(product, alpha=2 / total)
         # H stays the weighted running mean of 2 x xᵀ (its scale does not grow with n).
         width = -(-in_features // HESSIAN_BLOCKS)
@@ -122,12 +132,19 @@ class GPTQ:
             return weight
         if self._drift is None:
             raise ValueError(f"fp_target {fp_target} needs the inputs' drift: build GPTQ with drift=True")
+        if self._drift_weight is not None and weight.shape != self._drift.shape:
+            raise ValueError(f"the drift was summed for a weight of shape {tuple(self._drift.shape)}, "
+                             f"got {tuple(weight.shape)}")
         factor = torch.linalg.cholesky(_damped(self.hessian, damp_percent))
         rows = max(1, ROW_BLOCK_ELEMENTS // weight.shape[1])  # bounds the temporaries as GPTQ's row blocks
-        return torch.cat([
-            w.float() + fp_target * torch.cholesky_solve(self._drift.t() @ w.float().t(), factor).t()
-            for w in weight.detach().split(rows)
-        ])
+        blocks = weight.detach().split(rows)
+        # weight · D, D the drift's sums, a block of rows at a time
+        if self._drift_weight is None:
+            products = (w.float() @ self._drift for w in blocks)
+        else:
+            products = self._drift.split(rows)
+        corrections = (torch.cholesky_solve(wd.t(), factor).t() for wd in products)
+        return torch.cat([w.float() + fp_target * c for w, c in zip(blocks, corrections)])
 
     def quantize(
         self,
@@ -458,9 +475,6 @@ def _quantize_group(
     kept = [(name, c) for name, c in kept if c is not None]
     if not kept:
         return {}
-    collector = GPTQ(layer.get_submodule(kept[0][0]), drift=fp_inputs is not None)
-    for inp, fp_inp, inp_weights in zip(inputs, fp_inputs or [None] * len(inputs), weights):
-        collector.add_batch(inp, inp_weights, fp_inp)
     # Stack linears with equal configs; a per-tensor scale must stay per linear.
     stacks: list[tuple[QuantConfig, list[str]]] = []
     for name, module_config in kept:
@@ -469,6 +483,13 @@ def _quantize_group(
             same[0][1].append(name)
         else:
             stacks.append((module_config, [name]))
+    first = layer.get_submodule(kept[0][0])
+    drift_weight = None
+    if len(stacks) == 1 and 2 * sum(layer.get_submodule(name).out_features for name, _ in kept) < first.in_features:
+        drift_weight = torch.cat([layer.get_submodule(name).weight for name, _ in kept])
+    collector = GPTQ(first, drift=fp_inputs is not None, drift_weight=drift_weight)
+    for inp, fp_inp, inp_weights in zip(inputs, fp_inputs or [None] * len(inputs), weights):
+        collector.add_batch(inp, inp_weights, fp_inp)
     result: dict[str, QuantLinear] = {}
     for module_config, stack in stacks:
         linears = [layer.get_submodule(name) for name in stack]
