@@ -29,8 +29,9 @@ quantized before it, so that error is never corrected, only kept from growing. W
 linear's target moves β of the way to the least-squares fit of the float model's output from the
 quantized inputs, as GPTQv2's asymmetric calibration does (Li et al., "GPTQv2: Efficient
 Finetuning-Free Quantization with Asymmetric Calibration", ICML 2025, whose reference code scales
-that term by 0.25); see GPTQ.target_weight. It costs a second forward pass and one more (in x in)
-product per token. benchmarks/results/gptq_fp_target_*.md sweeps β: 0.5 takes SmolLM2-135M's W4 g64
+that term by 0.25); see GPTQ.target_weight. It costs a second forward pass and one more product per
+token: (in x in), or (rows x in) twice where the drift is summed times the weight (down_proj).
+benchmarks/results/gptq_fp_target_*.md sweeps β: 0.5 takes SmolLM2-135M's W4 g64
 from +7.0 % to +4.9 % perplexity at 128 x 2048 calibration tokens, Qwen2.5-Coder-0.5B's from +3.7 %
 to +1.7 %.
 
