@@ -21,12 +21,17 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .
   return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
-// 16 fp32 -> 16 bf16: float_to_bf16 in lanes (AVX512F).
-inline __m256i to_bf16(__m512 v) {
+// 16 fp32 rounded to bf16's precision as float_to_bf16 rounds them, kept in fp32 lanes (AVX512F).
+inline __m512 round_bf16(__m512 v) {
   __m512i bits = _mm512_castps_si512(v);
   __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32((int)0xFFFF0000)));
+}
+
+// 16 fp32 -> 16 bf16: float_to_bf16 in lanes (AVX512F).
+inline __m256i to_bf16(__m512 v) {
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16));
 }
 
 // The first `left` of 16 lanes (all 16 from 16 on, none at 0 or below).

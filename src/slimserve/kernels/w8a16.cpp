@@ -59,15 +59,7 @@ struct Wide {  // 32 bf16 weights as fp32 lanes: the first 16, the last 16
   __m512 lo, hi;
 };
 
-// v rounded to bf16's precision (to nearest even, as rows.h's to_bf16), kept in fp32 lanes.
-inline __m512 round_bf16(__m512 v) {
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32((int)0xFFFF0000)));
-}
-
-inline Wide pack(__m512 lo, __m512 hi) { return {round_bf16(lo), round_bf16(hi)}; }
+inline Wide pack(__m512 lo, __m512 hi) { return {slimserve::round_bf16(lo), slimserve::round_bf16(hi)}; }
 
 inline __m512 dot(__m512 acc, const uint16_t* x, Wide w) {
   acc = _mm512_fmadd_ps(slimserve::widen(x, 0xFFFF), w.lo, acc);
