@@ -29,7 +29,7 @@ import torch
 
 from slimserve.assets import resolve_model
 from slimserve.config import QuantConfig
-from slimserve.eval.evaluate import module_bytes, peak_rss_bytes, reset_peak_rss
+from slimserve.eval.evaluate import module_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 from slimserve.eval.machine import in_fresh_process, machine_info
 from slimserve.kernels.gptq import gptq_columns_reference
 from slimserve.models.loader import load_config, load_model, load_tokenizer
@@ -66,6 +66,7 @@ class Run:
     parts_s: list[float]  # as PARTS
     start_rss_bytes: int  # before GPTQ: runtime, fp32 model, calibration tokens
     peak_rss_bytes: int
+    model_bytes: int  # the fp32 model's tensors
 
 
 def gptq_run(model_name: str, samples: int, seq_len: int, calib_dtype: str, steps: str, threads: int) -> Run:
@@ -76,6 +77,7 @@ def gptq_run(model_name: str, samples: int, seq_len: int, calib_dtype: str, step
     model = load_model(path, torch.float32)
     config = QuantConfig(method="gptq", bits=4, act_order=True, calib_dtype=calib_dtype, num_calib_samples=samples,
                          calib_seq_len=seq_len, **low_bit_scheme(default_group_size(load_config(path))))
+    model_bytes = module_bytes(model)
     totals: dict[str, float] = defaultdict(float)
     with ExitStack() as stack:
         for part, (owner, name) in PARTS.items():
@@ -87,12 +89,7 @@ def gptq_run(model_name: str, samples: int, seq_len: int, calib_dtype: str, step
         start = time.perf_counter()
         gptq.gptq_quantize(model, calib, config)
         total = time.perf_counter() - start
-    return Run(total, [totals[part] for part in PARTS], start_rss, peak_rss_bytes())
-
-
-def rss_bytes() -> int:
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
-    return int(line.split()[1]) * 1024
+    return Run(total, [totals[part] for part in PARTS], start_rss, peak_rss_bytes(), model_bytes)
 
 
 def main() -> None:
@@ -109,7 +106,6 @@ def main() -> None:
     machine = machine_info()
     samples, seq_len = map(int, args.calib.split("x"))
     scheme = low_bit_scheme(default_group_size(load_config(resolve_model(args.model))))
-    model_mb = module_bytes(load_model(resolve_model(args.model), torch.float32)) / MB
     rows = []
     for calib_dtype, run, steps in itertools.product(args.calib_dtypes.split(","), range(args.repeat),
                                                      args.column_steps.split(",")):
@@ -119,6 +115,7 @@ def main() -> None:
                     + " | ".join(f"{t:.1f} ({t / r.total_s:.0%})" for t in parts)
                     + f" | {r.peak_rss_bytes / MB:.0f} | {(r.peak_rss_bytes - r.start_rss_bytes) / MB:.0f} |")
         print(rows[-1], flush=True)
+    model_mb = r.model_bytes / MB  # every run loads the same model
 
     text = "\n".join([
         f"# GPTQ's time and memory on the CPU: {args.model}",

@@ -50,13 +50,29 @@ def reset_peak_rss() -> None:
         clear_refs.write_text("5")
 
 
-def peak_rss_bytes() -> int:
+def _status_bytes(field: str) -> int | None:
+    """A size field of Linux's /proc/self/status (VmRSS, VmHWM, ...) in bytes; None elsewhere."""
     status = Path("/proc/self/status")
-    if status.exists():
-        line = next(l for l in status.read_text().splitlines() if l.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
+    if not status.exists():
+        return None
+    line = next(l for l in status.read_text().splitlines() if l.startswith(f"{field}:"))
+    return int(line.split()[1]) * 1024
+
+
+def peak_rss_bytes() -> int:
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux)."""
+    rss = _status_bytes("VmRSS")
+    if rss is None:
+        raise OSError("the resident set size is read from /proc/self/status, which this system lacks")
+    return rss
 
 
 def evaluate(model_spec: str, dtype: str, dataset: str, max_windows: int | None = None) -> EvalRow:
