@@ -137,7 +137,7 @@ class GPTQ:
             raise ValueError(f"the drift was summed for a weight of shape {tuple(self._drift.shape)}, "
                              f"got {tuple(weight.shape)}")
         factor = torch.linalg.cholesky(_damped(self.hessian, damp_percent))
-        rows = max(1, ROW_BLOCK_ELEMENTS // weight.shape[1])  # bounds the temporaries as GPTQ's row blocks
+        rows = _row_block(weight.shape[1])
         blocks = weight.detach().split(rows)
         # weight · D, D the drift's sums, a block of rows at a time
         if self._drift_weight is None:
@@ -202,7 +202,7 @@ def gptq_quantize_weight(
     columns = GPTQColumns(bits, group_size, sym, static_groups, block_size, mse, dead, perm, Hinv)
     # Rows are independent in GPTQ: a block of them at a time bounds the float32 copies (a per-tensor scale
     # spans every row, so per tensor runs as one block).
-    rows = out_features if group_size == 0 else max(1, ROW_BLOCK_ELEMENTS // in_features)
+    rows = out_features if group_size == 0 else _row_block(in_features)
     q, scales, zeros = (torch.cat(parts) for parts in zip(*map(columns.quantize, weight.split(rows))))
     if group_size <= 0:
         g_idx = torch.zeros_like(perm)
@@ -216,6 +216,11 @@ def gptq_quantize_weight(
 # Rows of a weight GPTQ quantizes at once, by their float32 elements (128 MB): on Qwen2.5-0.5B's
 # 151936 x 896 lm_head it peaked 2.3 GB above its target weight quantizing it whole, 0.5 GB in blocks.
 ROW_BLOCK_ELEMENTS = 2**25
+
+
+def _row_block(in_features: int) -> int:
+    """Rows of a weight (out, in_features) that GPTQ and its fp target handle at once."""
+    return max(1, ROW_BLOCK_ELEMENTS // in_features)
 
 
 @dataclass
